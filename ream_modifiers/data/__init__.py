@@ -1,0 +1,8 @@
+# ruff: noqa: F401
+from ream_modifiers.data.calibration import (
+    build_calibration_dataset,
+    bundled_texts,
+    load_texts,
+    read_local_texts,
+    tokenize_texts,
+)

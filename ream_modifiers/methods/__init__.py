@@ -1,0 +1,1 @@
+"""Pure tensor math of the expert-reduction methods (no llm-compressor imports)."""

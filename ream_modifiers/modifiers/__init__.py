@@ -1,0 +1,4 @@
+# ruff: noqa
+from .base import ExpertReductionModifier, LayerDecision
+from .aimer import *
+from .reap import *

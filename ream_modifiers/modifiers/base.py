@@ -1,0 +1,304 @@
+"""
+The lifecycle shared by every expert-reduction modifier.
+
+A concrete modifier says which statistics it needs per layer and how it decides
+which experts survive (:meth:`ExpertReductionModifier.decide`); this base class
+does the rest: fail-fast validation, hook management, distributed reduction,
+structural edits at the layer's ``SEQUENTIAL_EPOCH_END``, config sync, router
+protection for later quantization, and the per-layer report.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from abc import abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from llmcompressor.core import Event, State, active_session
+from llmcompressor.modifiers import Modifier
+from llmcompressor.modifiers.quantization.quantization.mixin import QuantizationMixin
+from loguru import logger
+from pydantic import Field, PrivateAttr, model_validator
+from torch import distributed as dist
+
+from ream_modifiers.methods.selection import ExpertBudget, plan_budget
+from ream_modifiers.moe.edit import expert_count_values, keep_experts, sync_config
+from ream_modifiers.moe.layer import MoELayer, find_moe_layers
+from ream_modifiers.moe.load import ensure_hub_save_names
+from ream_modifiers.observe.collector import LayerStatsCollector
+from ream_modifiers.observe.padding import padding_masks_from_dataloader
+from ream_modifiers.observe.statistics import Statistic
+from ream_modifiers.saving import install_save_hook, record_for_save
+
+__all__ = ["ExpertReductionModifier", "LayerDecision"]
+
+
+@dataclass
+class LayerDecision:
+    """What a method decided for one layer."""
+
+    kept: list[int]
+    scores: list[float] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ExpertReductionModifier(Modifier):
+    """
+    Base class of the modifiers that remove or merge routed experts.
+
+    :param num_experts: experts to keep per layer (exactly one of this and
+        ``sparsity``)
+    :param sparsity: share of routed experts to remove per layer, in (0, 1)
+    :param ignore: regexes of MoE block names to leave untouched
+    :param report_path: optional ``.json`` path for the per-layer report (the report
+        is also written next to every saved checkpoint)
+    :param protect_routers: add the architecture's router and shared-expert-gate
+        patterns to the ``ignore`` list of every quantization modifier that follows
+        in the recipe, so routers stay unquantized without model-specific recipes
+    """
+
+    num_experts: int | None = None
+    sparsity: float | None = None
+    ignore: list[str] = Field(default_factory=list)
+    report_path: str | None = None
+    protect_routers: bool = True
+
+    method: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+
+    _layers: list[MoELayer] = PrivateAttr(default_factory=list)
+    _budget: ExpertBudget | None = PrivateAttr(default=None)
+    _collectors: dict[str, LayerStatsCollector] = PrivateAttr(default_factory=dict)
+    _done: set[str] = PrivateAttr(default_factory=set)
+    _report: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _group: Any = PrivateAttr(default=None)
+
+    # -- validation (runs when the recipe is parsed) ---------------------------
+
+    @model_validator(mode="after")
+    def _validate_budget_fields(self):
+        if (self.num_experts is None) == (self.sparsity is None):
+            raise ValueError(
+                f"{type(self).__name__}: give exactly one of `num_experts` (experts "
+                f"to keep per layer) and `sparsity` (share to remove); got "
+                f"num_experts={self.num_experts}, sparsity={self.sparsity}"
+            )
+        if self.sparsity is not None and not 0.0 < self.sparsity < 1.0:
+            raise ValueError(
+                f"{type(self).__name__}: sparsity must be in (0, 1), got "
+                f"{self.sparsity} (0.25 removes a quarter of the experts)"
+            )
+        if self.num_experts is not None and self.num_experts < 1:
+            raise ValueError(
+                f"{type(self).__name__}: num_experts must be >= 1, got "
+                f"{self.num_experts}"
+            )
+        if self.report_path is not None and not self.report_path.endswith(".json"):
+            raise ValueError(
+                f"{type(self).__name__}: report_path must end with .json, got "
+                f"{self.report_path!r}"
+            )
+        return self
+
+    # -- what subclasses provide -----------------------------------------------
+
+    def statistics(self, layer: MoELayer) -> list[Statistic]:
+        """Statistics to collect for ``layer`` (none for data-free methods)."""
+        return []
+
+    @abstractmethod
+    def decide(
+        self, layer: MoELayer, collector: LayerStatsCollector | None
+    ) -> LayerDecision:
+        """Choose the experts of ``layer`` that survive (runs on the source rank)."""
+
+    def apply(self, layer: MoELayer, decision: LayerDecision) -> None:
+        """Edit ``layer`` in place; pruning keeps the chosen experts."""
+        keep_experts(layer, decision.kept)
+
+    def validate_model(self, state: State, layers: list[MoELayer]) -> None:
+        """Extra method-specific checks before calibration (raise ValueError)."""
+
+    def min_experts_per_group(self, layers: list[MoELayer]) -> int:
+        routing = layers[0].routing
+        # group scores that sum the top-2 experts need two per group
+        return 2 if routing.n_group is not None and routing.group_score == "top2_sum" else 1
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def on_initialize(self, state: State, **kwargs) -> bool:
+        model = state.model
+        self._layers = find_moe_layers(model, self.ignore)
+        routing = self._layers[0].routing
+        try:
+            self._budget = plan_budget(
+                routing.num_experts,
+                routing.top_k,
+                target=self.num_experts,
+                sparsity=self.sparsity,
+                n_group=routing.n_group,
+                topk_group=routing.topk_group,
+                min_per_group=self.min_experts_per_group(self._layers),
+            )
+        except ValueError as error:
+            raise ValueError(f"{type(self).__name__}: {error}") from None
+        self.validate_model(state, self._layers)
+        if dist.is_available() and dist.is_initialized():
+            self._group = dist.new_group(backend="gloo")
+        budget = self._budget
+        logger.info(
+            f"{self.method}: {len(self._layers)} MoE layers, {budget.num_experts} "
+            f"experts/layer -> {budget.kept} (removing {budget.dropped}, "
+            f"{budget.dropped / budget.num_experts:.0%})"
+            + (f", {budget.kept_per_group} per group" if budget.n_group else "")
+        )
+        self._report = {
+            "method": self.method,
+            "paper": self.paper,
+            "model_type": self._layers[0].spec.model_type,
+            "num_experts_before": budget.num_experts,
+            "num_experts_after": budget.kept,
+            "settings": {
+                key: value
+                for key, value in self.model_dump(mode="json").items()
+                if key not in Modifier.model_fields
+            },
+            "layers": {},
+        }
+        install_save_hook(model)
+        ensure_hub_save_names(model)
+        if self.protect_routers:
+            self._protect_routers_from_quantization()
+        return True
+
+    def on_calibration_start(self, state: State, event: Event, **kwargs):
+        masks = (
+            padding_masks_from_dataloader(state.data.calib)
+            if self.requires_calibration_data
+            else []
+        )
+        for layer in self._layers:
+            statistics = self.statistics(layer)
+            if not statistics:
+                continue
+            collector = LayerStatsCollector(layer, statistics, masks)
+            collector.attach(self.register_hook)
+            self._collectors[layer.name] = collector
+
+    def on_sequential_epoch_end(self, state: State, event: Event, **kwargs):
+        modules = kwargs.get("modules")
+        finished = (
+            set(map(id, modules)) if modules is not None else {id(m) for m in state.model.modules()}
+        )
+        # model order, identical on every rank
+        for layer in self._layers:
+            if layer.name not in self._done and id(layer.block) in finished:
+                self._reduce_layer(layer)
+
+    def on_calibration_end(self, state: State, event: Event, **kwargs):
+        self.remove_hooks()
+        missing = [layer.name for layer in self._layers if layer.name not in self._done]
+        if missing:
+            raise RuntimeError(
+                f"{self.method}: MoE layers {missing} never finished calibration; "
+                "the pipeline did not run them. Use the sequential or basic pipeline."
+            )
+
+    def on_finalize(self, state: State, **kwargs) -> bool:
+        model = state.model
+        spec = self._layers[0].spec
+        sync_config(model, spec, self._budget.kept)
+        record_for_save(
+            model,
+            config_values=expert_count_values(spec, self._budget.kept),
+            report=self._report,
+        )
+        if self.report_path is not None and _is_source_rank():
+            path = Path(self.report_path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(self._report, indent=2) + "\n")
+            logger.info(f"{self.method}: report written to {path}")
+        self._collectors.clear()
+        if self._group is not None:
+            dist.destroy_process_group(self._group)
+            self._group = None
+        return True
+
+    # -- per layer ---------------------------------------------------------------
+
+    def _reduce_layer(self, layer: MoELayer) -> None:
+        start = time.perf_counter()
+        collector = self._collectors.get(layer.name)
+        if collector is not None:
+            if self._group is not None:
+                hidden = layer.router_weight.shape[-1]
+                for statistic in collector.statistics:
+                    statistic.ensure_allocated(torch.device("cpu"), hidden)
+                collector.all_reduce(self._group)
+            elif collector.batches_seen == 0:
+                raise RuntimeError(
+                    f"{self.method}: {layer.name} received no calibration batch"
+                )
+        decision = self.decide(layer, collector) if _is_source_rank() else None
+        if self._group is not None:
+            box = [decision]
+            dist.broadcast_object_list(box, src=0, group=self._group)
+            decision = box[0]
+        before = layer.num_experts
+        self.apply(layer, decision)
+        seconds = time.perf_counter() - start
+        removed = sorted(set(range(before)) - set(decision.kept))
+        entry = {
+            "experts_before": before,
+            "kept": decision.kept,
+            "removed": removed,
+            "scores": decision.scores,
+            "seconds": round(seconds, 4),
+            **decision.extra,
+        }
+        if collector is not None:
+            entry["calibration_tokens"] = collector.tokens_seen
+        self._report["layers"][layer.name] = entry
+        self._done.add(layer.name)
+        self._collectors.pop(layer.name, None)
+        logger.info(
+            f"{self.method} {layer.name}: kept {len(decision.kept)}/{before}, "
+            f"removed {removed} ({seconds:.2f}s)"
+        )
+
+    def _protect_routers_from_quantization(self) -> None:
+        patterns = list(self._layers[0].spec.quantization_ignore)
+        try:
+            modifiers = active_session().lifecycle.recipe.modifiers
+        except AttributeError:
+            return
+        after_self = False
+        for modifier in modifiers:
+            if modifier is self:
+                after_self = True
+                continue
+            if not isinstance(modifier, QuantizationMixin):
+                continue
+            if not after_self:
+                logger.warning(
+                    f"{type(modifier).__name__} runs before {type(self).__name__}; "
+                    "put expert reduction first so only kept experts are quantized"
+                )
+                continue
+            added = [p for p in patterns if p not in modifier.ignore]
+            if added:
+                modifier.ignore = [*modifier.ignore, *added]
+                # the mixin caches its resolved config; resolve again with the ignores
+                modifier._resolved_config = None
+                logger.info(
+                    f"{type(modifier).__name__}: not quantizing {added} (routers and "
+                    f"shared-expert gates of {self._layers[0].spec.model_type})"
+                )
+
+
+def _is_source_rank() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

@@ -1,0 +1,249 @@
+"""
+Facts about each MoE family, as data keyed by ``model_type``.
+
+Everything that differs between Qwen, Mixtral, DeepSeek, GLM, ... lives in
+:data:`ARCHITECTURES`. The rest of the package reads an :class:`MoEArchSpec` and
+never branches on a model name. Unknown model types fall back to
+:func:`detect_spec`, which inspects the config and warns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from loguru import logger
+from transformers import PretrainedConfig
+
+__all__ = [
+    "ARCHITECTURES",
+    "MoEArchSpec",
+    "get_arch_spec",
+    "detect_spec",
+    "text_config",
+]
+
+Scoring = Literal["softmax", "sigmoid"]
+GroupScore = Literal["top2_sum", "max"]
+BiasLocation = Literal["router", "block"]
+
+# Quantization must never touch these; each row adds its own router names.
+_BASE_IGNORE = ("lm_head",)
+
+
+@dataclass(frozen=True)
+class MoEArchSpec:
+    """
+    One MoE family's layout and routing rules.
+
+    :param model_type: ``config.model_type`` of the family
+    :param num_experts_keys: every config key that stores the routed expert count;
+        all of them are rewritten after a structural change (the first one is the
+        key the family's config class reads)
+    :param top_k_key: config key of the number of experts per token
+    :param router_attr: attribute of the MoE block holding the router
+    :param experts_attr: attribute of the MoE block holding the routed experts
+    :param scoring: ``softmax`` over all experts or independent ``sigmoid`` scores
+    :param renormalize: whether the top-k weights are renormalised, when the family
+        has no config switch for it
+    :param renormalize_key: config key that switches renormalisation, if any
+    :param n_group_key: config key of the number of expert groups, if routing is
+        group-limited
+    :param topk_group_key: config key of the number of groups each token may use
+    :param group_score: how a group is scored for group-limited selection
+    :param scaling_factor_key: config key of the factor applied to routed weights
+    :param bias_attr: name of the selection-only score-correction bias
+    :param bias_location: whether that bias lives on the router or the block
+    :param shared_expert_attrs: block attributes holding shared experts (never
+        touched by any method here)
+    :param shared_expert_gate_attr: block attribute of the shared expert's gate
+    :param quantization_ignore: default ``ignore`` patterns for quantization
+        modifiers: lm_head, routers and shared-expert gates
+    :param linear_save_renames: ``(on-disk regex, in-memory replacement)`` pairs
+        that map the hub's per-expert tensor names to the linearized module names,
+        for families whose hub names differ and llm-compressor has no mapping
+        (Mixtral's ``block_sparse_moe.experts.{i}.w1/w2/w3``)
+    """
+
+    model_type: str
+    num_experts_keys: tuple[str, ...]
+    top_k_key: str = "num_experts_per_tok"
+    router_attr: str = "gate"
+    experts_attr: str = "experts"
+    scoring: Scoring = "softmax"
+    renormalize: bool = True
+    renormalize_key: str | None = None
+    n_group_key: str | None = None
+    topk_group_key: str | None = None
+    group_score: GroupScore = "top2_sum"
+    scaling_factor_key: str | None = None
+    bias_attr: str | None = None
+    bias_location: BiasLocation | None = None
+    shared_expert_attrs: tuple[str, ...] = ()
+    shared_expert_gate_attr: str | None = None
+    quantization_ignore: tuple[str, ...] = field(default=_BASE_IGNORE)
+    linear_save_renames: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def num_experts_key(self) -> str:
+        return self.num_experts_keys[0]
+
+
+def _ignore(*patterns: str) -> tuple[str, ...]:
+    return _BASE_IGNORE + patterns
+
+
+_QWEN_IGNORE = _ignore("re:.*mlp.gate$", "re:.*mlp.shared_expert_gate$")
+_GATE_IGNORE = _ignore("re:.*mlp.gate$")
+
+_W123_RENAMES = (
+    (r"\.block_sparse_moe\.", ".mlp."),
+    (r"\.experts\.(\d+)\.w1\.", r".experts.\1.gate_proj."),
+    (r"\.experts\.(\d+)\.w2\.", r".experts.\1.down_proj."),
+    (r"\.experts\.(\d+)\.w3\.", r".experts.\1.up_proj."),
+)
+
+_ROWS = [
+    MoEArchSpec(
+        model_type="qwen3_moe",
+        # transformers 5 serialises `num_local_experts`; vLLM and older readers
+        # look for `num_experts`, so both are written
+        num_experts_keys=("num_experts", "num_local_experts"),
+        renormalize_key="norm_topk_prob",
+        quantization_ignore=_QWEN_IGNORE,
+    ),
+    MoEArchSpec(
+        model_type="qwen2_moe",
+        num_experts_keys=("num_experts",),
+        renormalize_key="norm_topk_prob",
+        shared_expert_attrs=("shared_expert",),
+        shared_expert_gate_attr="shared_expert_gate",
+        quantization_ignore=_QWEN_IGNORE,
+    ),
+    MoEArchSpec(
+        model_type="qwen3_next",
+        num_experts_keys=("num_experts",),
+        renormalize_key="norm_topk_prob",
+        shared_expert_attrs=("shared_expert",),
+        shared_expert_gate_attr="shared_expert_gate",
+        quantization_ignore=_QWEN_IGNORE,
+    ),
+    MoEArchSpec(
+        model_type="mixtral",
+        num_experts_keys=("num_local_experts",),
+        quantization_ignore=_ignore("re:.*mlp.gate$", "re:.*block_sparse_moe.gate$"),
+        linear_save_renames=_W123_RENAMES,
+    ),
+    MoEArchSpec(
+        model_type="olmoe",
+        num_experts_keys=("num_experts",),
+        renormalize_key="norm_topk_prob",
+        quantization_ignore=_GATE_IGNORE,
+    ),
+    MoEArchSpec(
+        model_type="deepseek_v2",
+        num_experts_keys=("n_routed_experts",),
+        renormalize=False,
+        n_group_key="n_group",
+        topk_group_key="topk_group",
+        group_score="max",
+        scaling_factor_key="routed_scaling_factor",
+        shared_expert_attrs=("shared_experts",),
+        quantization_ignore=_GATE_IGNORE,
+    ),
+    MoEArchSpec(
+        model_type="deepseek_v3",
+        num_experts_keys=("n_routed_experts",),
+        scoring="sigmoid",
+        renormalize_key="norm_topk_prob",
+        n_group_key="n_group",
+        topk_group_key="topk_group",
+        scaling_factor_key="routed_scaling_factor",
+        bias_attr="e_score_correction_bias",
+        bias_location="router",
+        shared_expert_attrs=("shared_experts",),
+        quantization_ignore=_GATE_IGNORE,
+    ),
+]
+
+ARCHITECTURES: dict[str, MoEArchSpec] = {row.model_type: row for row in _ROWS}
+# Same layout and routing as DeepSeek-V3 under another name.
+for _alias in ("glm4_moe", "dots1", "kimi_k2"):
+    ARCHITECTURES[_alias] = replace(ARCHITECTURES["deepseek_v3"], model_type=_alias)
+
+
+def text_config(config: PretrainedConfig) -> PretrainedConfig:
+    """The config that carries the MoE keys (the text config of VL wrappers)."""
+    return getattr(config, "text_config", None) or config
+
+
+def get_arch_spec(config: PretrainedConfig) -> MoEArchSpec:
+    """
+    Look up the family of ``config``; unknown families are detected from the config
+    keys, with a warning.
+
+    :param config: the model's config (a VL wrapper's text config is used)
+    """
+    config = text_config(config)
+    spec = ARCHITECTURES.get(config.model_type)
+    if spec is not None:
+        return spec
+    return detect_spec(config)
+
+
+_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+_TOP_K_KEYS = ("num_experts_per_tok", "moe_k", "moe_topk", "top_k")
+
+
+def detect_spec(config: PretrainedConfig) -> MoEArchSpec:
+    """
+    Build a spec for a family missing from :data:`ARCHITECTURES` by probing the
+    config for the usual keys. Layout is assumed to follow the common
+    ``mlp.gate`` / ``mlp.experts`` convention.
+
+    :raises ValueError: if the config names no expert count or top-k
+    """
+    config = text_config(config)
+    count_keys = tuple(k for k in _COUNT_KEYS if isinstance(_raw(config, k), int))
+    top_k_key = next((k for k in _TOP_K_KEYS if isinstance(_raw(config, k), int)), None)
+    if not count_keys or top_k_key is None:
+        raise ValueError(
+            f"Model type {config.model_type!r} is not an MoE model this package "
+            f"understands: its config has no expert count ({', '.join(_COUNT_KEYS)}) "
+            f"or no top-k ({', '.join(_TOP_K_KEYS)}). If it is an MoE model, add a "
+            "row for it to ream_modifiers.moe.architectures.ARCHITECTURES."
+        )
+    has_groups = isinstance(_raw(config, "n_group"), int)
+    sigmoid = getattr(config, "scoring_func", "softmax") == "sigmoid"
+    spec = MoEArchSpec(
+        model_type=config.model_type,
+        num_experts_keys=count_keys,
+        top_k_key=top_k_key,
+        scoring="sigmoid" if sigmoid else "softmax",
+        renormalize_key="norm_topk_prob" if hasattr(config, "norm_topk_prob") else None,
+        n_group_key="n_group" if has_groups else None,
+        topk_group_key="topk_group" if has_groups else None,
+        scaling_factor_key=(
+            "routed_scaling_factor" if hasattr(config, "routed_scaling_factor") else None
+        ),
+        bias_attr="e_score_correction_bias",
+        bias_location="router",
+        shared_expert_attrs=("shared_expert", "shared_experts"),
+        shared_expert_gate_attr="shared_expert_gate",
+        quantization_ignore=_QWEN_IGNORE,
+    )
+    logger.warning(
+        f"No architecture row for model_type={config.model_type!r}; detected "
+        f"expert count key(s) {count_keys}, top-k key {top_k_key!r}, "
+        f"scoring={spec.scoring}. Check the result, and consider adding a row to "
+        "ream_modifiers.moe.architectures.ARCHITECTURES."
+    )
+    return spec
+
+
+def _raw(config: PretrainedConfig, key: str):
+    """A config value that is really set (attribute aliases resolve too)."""
+    try:
+        return getattr(config, key)
+    except AttributeError:
+        return None

@@ -1,0 +1,233 @@
+"""
+:class:`MoELayer`: one view of an MoE block over llm-compressor's linearized
+experts (``LinearExperts2D`` of ``ExpertMLP`` modules), its router and its shared
+experts.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from compressed_tensors import align_module_device
+from llmcompressor.modeling.moe.linear_experts import ExpertMLP, LinearExperts2D
+from llmcompressor.modeling.moe.linearize import get_non_linearized_moes
+from torch import nn
+from transformers import PreTrainedModel
+
+from ream_modifiers.moe.architectures import MoEArchSpec, get_arch_spec
+from ream_modifiers.moe.routing import RoutingSpec
+
+__all__ = ["MoELayer", "ExpertWeights", "find_moe_layers", "MoEModelError"]
+
+
+class MoEModelError(ValueError):
+    """The model cannot be handled as an MoE model (raised before calibration)."""
+
+
+@dataclass
+class ExpertWeights:
+    """
+    Stacked weights of a layer's routed experts.
+
+    ``gate`` and ``up`` are ``[E, I, H]``; ``down`` is ``[E, H, I]`` (the
+    ``nn.Linear`` layout). Biases are ``None`` unless the family has them.
+    """
+
+    gate: torch.Tensor | None
+    up: torch.Tensor
+    down: torch.Tensor
+    gate_bias: torch.Tensor | None = None
+    up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+
+    def matrices(self) -> list[torch.Tensor]:
+        return [w for w in (self.gate, self.up, self.down) if w is not None]
+
+
+class MoELayer:
+    """
+    One MoE block: its routed experts, router, routing rules and shared experts.
+
+    :param name: module name of the MoE block in the model
+    :param block: the MoE block module (e.g. ``Qwen3MoeSparseMoeBlock``)
+    :param spec: the family's architecture facts
+    :param routing: routing rules resolved against the model config
+    """
+
+    def __init__(
+        self, name: str, block: nn.Module, spec: MoEArchSpec, routing: RoutingSpec
+    ):
+        self.name = name
+        self.block = block
+        self.spec = spec
+        self.routing = routing
+
+    # -- structure -----------------------------------------------------------
+
+    @property
+    def experts(self) -> LinearExperts2D:
+        return getattr(self.block, self.spec.experts_attr)
+
+    @property
+    def router(self) -> nn.Module:
+        return getattr(self.block, self.spec.router_attr)
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.experts.num_experts)
+
+    def expert(self, index: int) -> ExpertMLP:
+        return self.experts[index]
+
+    def expert_modules(self) -> list[ExpertMLP]:
+        """The routed experts in routing order (the act_fn entry is skipped)."""
+        return [self.experts[i] for i in range(self.num_experts)]
+
+    @property
+    def shared_experts(self) -> list[nn.Module]:
+        """Shared experts and their gates; no method here ever modifies them."""
+        names = list(self.spec.shared_expert_attrs)
+        if self.spec.shared_expert_gate_attr:
+            names.append(self.spec.shared_expert_gate_attr)
+        return [m for n in names if (m := getattr(self.block, n, None)) is not None]
+
+    # -- router ----------------------------------------------------------------
+
+    @property
+    def router_weight(self) -> torch.Tensor:
+        return self.router.weight
+
+    @property
+    def router_bias(self) -> torch.Tensor | None:
+        """A logit bias added by the router itself (gpt-oss style)."""
+        bias = getattr(self.router, "bias", None)
+        return bias if isinstance(bias, torch.Tensor) else None
+
+    @property
+    def bias_owner(self) -> nn.Module | None:
+        if self.spec.bias_attr is None:
+            return None
+        owner = self.block if self.spec.bias_location == "block" else self.router
+        return owner if hasattr(owner, self.spec.bias_attr) else None
+
+    @property
+    def correction_bias(self) -> torch.Tensor | None:
+        """The selection-only score-correction bias, or None."""
+        owner = self.bias_owner
+        return None if owner is None else getattr(owner, self.spec.bias_attr)
+
+    def router_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Router logits in fp32 for ``[tokens, H]`` hidden states."""
+        with align_module_device(self.router):
+            weight = self.router_weight.float()
+            bias = self.router_bias
+            bias = None if bias is None else bias.float()
+            return nn.functional.linear(hidden_states.float(), weight, bias)
+
+    def route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(top_k_index, top_k_weights)`` exactly as the model routes."""
+        logits = self.router_logits(hidden_states)
+        with align_module_device(self.router):
+            bias = self.correction_bias
+            bias = None if bias is None else bias.float().to(logits.device)
+            return self.routing.route(logits, bias)
+
+    # -- weights ---------------------------------------------------------------
+
+    @torch.no_grad()
+    def stacked_weights(self, indices: Sequence[int] | None = None) -> ExpertWeights:
+        """
+        Stack the experts' projections into ``[E, ...]`` tensors (a copy on the
+        layer's execution device, in the weights' dtype).
+
+        :param indices: experts to stack, all by default
+        """
+        indices = range(self.num_experts) if indices is None else indices
+        experts = [self.expert(i) for i in indices]
+
+        def stack(proj: str, attr: str) -> torch.Tensor | None:
+            tensors = []
+            for expert in experts:
+                linear = getattr(expert, proj, None)
+                if linear is None or getattr(linear, attr, None) is None:
+                    return None
+                with align_module_device(linear):
+                    tensors.append(getattr(linear, attr).detach().clone())
+            return torch.stack(tensors)
+
+        return ExpertWeights(
+            gate=stack("gate_proj", "weight"),
+            up=stack("up_proj", "weight"),
+            down=stack("down_proj", "weight"),
+            gate_bias=stack("gate_proj", "bias"),
+            up_bias=stack("up_proj", "bias"),
+            down_bias=stack("down_proj", "bias"),
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"MoELayer({self.name!r}, experts={self.num_experts}, "
+            f"top_k={self.routing.top_k}, scoring={self.routing.scoring})"
+        )
+
+
+def find_moe_layers(
+    model: PreTrainedModel, ignore: Sequence[str] = ()
+) -> list[MoELayer]:
+    """
+    Every MoE block of ``model`` that has linearized experts and a router.
+
+    :param model: a transformers MoE model whose experts are linearized (loaded with
+        :func:`ream_modifiers.moe.load.load_moe_model` or already passed through
+        ``oneshot``'s post-load linearization)
+    :param ignore: module-name regexes (``re:`` prefix optional) of blocks to skip
+    :raises MoEModelError: if the model has no MoE layers, or fused experts
+    """
+    spec = get_arch_spec(model.config)
+    routing = RoutingSpec.from_config(model.config, spec)
+    if fused := get_non_linearized_moes(model):
+        raise MoEModelError(
+            f"{len(fused)} experts modules (first: {fused[0][0]}) are still fused 3D "
+            "tensors. Load the model with ream_modifiers.load_moe_model(), or call "
+            "llmcompressor.modeling.moe.linearize.linearize_moe(model) first."
+        )
+    patterns = [re.compile(p.removeprefix("re:")) for p in ignore]
+    layers = []
+    for name, module in model.named_modules():
+        experts = getattr(module, spec.experts_attr, None)
+        router = getattr(module, spec.router_attr, None)
+        if not isinstance(experts, LinearExperts2D) or router is None:
+            continue
+        if not isinstance(getattr(router, "weight", None), torch.Tensor):
+            raise MoEModelError(
+                f"{name}.{spec.router_attr} has no `weight` tensor; the "
+                f"{spec.model_type!r} router layout is not supported. Add a row to "
+                "ream_modifiers.moe.architectures.ARCHITECTURES naming its router."
+            )
+        if any(p.search(name) for p in patterns):
+            continue
+        layers.append(MoELayer(name, module, spec, routing))
+    if not layers:
+        raise MoEModelError(
+            f"No MoE layers found in {type(model).__name__} "
+            f"(model_type={model.config.model_type!r}): no module has both a "
+            f"`{spec.experts_attr}` experts list and a `{spec.router_attr}` router"
+            + (", after applying `ignore`" if ignore else "")
+            + ". Expert pruning and merging need a Mixture-of-Experts model."
+        )
+    counts = {layer.num_experts for layer in layers}
+    if len(counts) != 1:
+        raise MoEModelError(
+            f"MoE layers have different expert counts {sorted(counts)}; this "
+            "package needs a uniform count (vLLM cannot load anything else)."
+        )
+    if counts != {routing.num_experts}:
+        raise MoEModelError(
+            f"The model has {counts.pop()} experts per layer but config."
+            f"{spec.num_experts_key}={routing.num_experts}; was it pruned without "
+            "updating its config?"
+        )
+    return layers

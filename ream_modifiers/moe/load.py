@@ -1,0 +1,116 @@
+"""Loading MoE checkpoints with linearized (per-expert ``nn.Linear``) experts."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+from llmcompressor.modeling.moe.linearize import linearize_moe
+from loguru import logger
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers.conversion_mapping import (
+    get_checkpoint_conversion_mapping,
+    register_checkpoint_conversion_mapping,
+)
+from transformers.core_model_loading import WeightRenaming
+from transformers.monkey_patching import clear_patch_mapping
+
+from ream_modifiers.moe.architectures import get_arch_spec, text_config
+
+__all__ = ["load_moe_model", "load_context_available", "ensure_hub_save_names"]
+
+
+def ensure_hub_save_names(model: PreTrainedModel) -> None:
+    """
+    Make ``save_pretrained`` write a linearized model's experts under the hub's
+    per-expert names where llm-compressor has no mapping for the family (Mixtral
+    would otherwise be saved as ``mlp.experts.{i}.gate_proj``, which neither
+    transformers nor vLLM load).
+    """
+    spec = get_arch_spec(model.config)
+    if spec.linear_save_renames:
+        model._weight_conversions = [
+            WeightRenaming(disk, memory) for disk, memory in spec.linear_save_renames
+        ]
+
+
+def load_context_available() -> bool:
+    """
+    llm-compressor's ``load_context()`` makes transformers scan every model module
+    for patches, which imports torchvision; CPU-only machines often lack it.
+    """
+    return importlib.util.find_spec("torchvision") is not None
+
+
+def load_moe_model(
+    model_id: str | os.PathLike,
+    dtype: torch.dtype | str = "auto",
+    use_load_context: bool | None = None,
+    **kwargs,
+) -> PreTrainedModel:
+    """
+    Load a causal-LM MoE checkpoint with its experts linearized, and refuse to
+    return a model whose checkpoint left weights uninitialised.
+
+    The efficient path is llm-compressor's ``load_context()``, which loads per-expert
+    checkpoint tensors straight into ``LinearExperts2D``. Without it (see
+    :func:`load_context_available`), the model is loaded fused and linearized
+    afterwards; the resulting module structure is the same.
+
+    :param model_id: local path or hub ID
+    :param dtype: torch dtype of the weights (``"auto"`` keeps the checkpoint's)
+    :param use_load_context: force (True) or skip (False) ``load_context()``;
+        by default it is used where available
+    :param kwargs: forwarded to ``from_pretrained``
+    :raises ValueError: if checkpoint tensors are missing for model weights
+    """
+    if use_load_context is None:
+        use_load_context = load_context_available()
+    if use_load_context:
+        model_type = text_config(AutoConfig.from_pretrained(model_id)).model_type
+        original_mapping = get_checkpoint_conversion_mapping(model_type)
+        try:
+            from llmcompressor.utils import load_context
+
+            with load_context():
+                model, info = AutoModelForCausalLM.from_pretrained(
+                    model_id, dtype=dtype, output_loading_info=True, **kwargs
+                )
+            _check_loading_info(model_id, info)
+            return _linearized(model)
+        except ImportError as error:
+            # load_context registered class patches and a load-time conversion
+            # mapping before failing; undo both, or the plain load below would
+            # fail the same way or silently leave the experts random
+            clear_patch_mapping()
+            if original_mapping is not None:
+                register_checkpoint_conversion_mapping(
+                    model_type, original_mapping, overwrite=True
+                )
+            logger.warning(
+                f"load_context() failed ({error}); loading fused and linearizing "
+                "after load instead"
+            )
+    model, info = AutoModelForCausalLM.from_pretrained(
+        model_id, dtype=dtype, output_loading_info=True, **kwargs
+    )
+    _check_loading_info(model_id, info)
+    return _linearized(model)
+
+
+def _linearized(model: PreTrainedModel) -> PreTrainedModel:
+    linearize_moe(model)
+    ensure_hub_save_names(model)
+    return model
+
+
+def _check_loading_info(model_id, info: dict) -> None:
+    missing = [k for k in info.get("missing_keys", []) if "rotary" not in k]
+    if missing:
+        raise ValueError(
+            f"{model_id}: {len(missing)} model weights are missing from the "
+            f"checkpoint (e.g. {sorted(missing)[:3]}) and would be random. Is the "
+            "checkpoint's model_type registered with transformers (for Kimi-K2, "
+            "register the deepseek_v3 conversion mapping for kimi_k2)?"
+        )

@@ -1,0 +1,120 @@
+"""
+Routing semantics of an MoE layer: how router logits become top-k experts and the
+weights that multiply their outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PretrainedConfig
+
+from ream_modifiers.moe.architectures import MoEArchSpec, Scoring, text_config
+
+__all__ = ["RoutingSpec"]
+
+
+@dataclass(frozen=True)
+class RoutingSpec:
+    """
+    Routing rules of one MoE family, resolved against a concrete config.
+
+    :param num_experts: routed experts per layer
+    :param top_k: experts selected per token
+    :param scoring: ``softmax`` over all experts or per-expert ``sigmoid``
+    :param renormalize: whether the selected weights are rescaled to sum to one
+    :param n_group: number of expert groups for group-limited routing, else None
+    :param topk_group: groups a token may draw experts from
+    :param group_score: ``top2_sum`` (DeepSeek-V3) or ``max`` (DeepSeek-V2)
+    :param scaling_factor: constant multiplying the routed weights
+    """
+
+    num_experts: int
+    top_k: int
+    scoring: Scoring = "softmax"
+    renormalize: bool = True
+    n_group: int | None = None
+    topk_group: int | None = None
+    group_score: str = "top2_sum"
+    scaling_factor: float = 1.0
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig, spec: MoEArchSpec) -> RoutingSpec:
+        config = text_config(config)
+        renormalize = spec.renormalize
+        if spec.renormalize_key is not None:
+            renormalize = bool(getattr(config, spec.renormalize_key, renormalize))
+        n_group = getattr(config, spec.n_group_key, None) if spec.n_group_key else None
+        topk_group = (
+            getattr(config, spec.topk_group_key, None) if spec.topk_group_key else None
+        )
+        if not n_group or n_group <= 1:
+            # a single group is plain top-k routing
+            n_group, topk_group = None, None
+        scaling = 1.0
+        if spec.scaling_factor_key is not None:
+            scaling = float(getattr(config, spec.scaling_factor_key, 1.0) or 1.0)
+        return cls(
+            num_experts=int(getattr(config, spec.num_experts_key)),
+            top_k=int(getattr(config, spec.top_k_key)),
+            scoring=spec.scoring,
+            renormalize=renormalize,
+            n_group=n_group,
+            topk_group=topk_group,
+            group_score=spec.group_score,
+            scaling_factor=scaling,
+        )
+
+    @property
+    def group_size(self) -> int | None:
+        return None if self.n_group is None else self.num_experts // self.n_group
+
+    def reachable_experts(self, kept_per_layer: int) -> int:
+        """
+        How many experts one token can still choose from when ``kept_per_layer``
+        experts remain, split evenly across groups.
+        """
+        if self.n_group is None:
+            return kept_per_layer
+        return self.topk_group * (kept_per_layer // self.n_group)
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """Per-expert routing probabilities in fp32, before selection."""
+        logits = logits.float()
+        if self.scoring == "sigmoid":
+            return logits.sigmoid()
+        return logits.softmax(dim=-1)
+
+    @torch.no_grad()
+    def route(
+        self, logits: torch.Tensor, correction_bias: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Reproduce the model's top-k selection.
+
+        :param logits: ``[tokens, num_experts]`` router logits
+        :param correction_bias: selection-only bias (DeepSeek-V3 style), or None
+        :return: ``(top_k_index, top_k_weights)``, weights in fp32 as the model
+            applies them to the expert outputs
+        """
+        scores = self.scores(logits)
+        choice = scores if correction_bias is None else scores + correction_bias
+        if self.n_group is not None:
+            choice = self._mask_groups(choice)
+        index = torch.topk(choice, self.top_k, dim=-1).indices
+        weights = scores.gather(-1, index)
+        if self.renormalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return index, weights * self.scaling_factor
+
+    def _mask_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        grouped = choice.view(*choice.shape[:-1], self.n_group, -1)
+        if self.group_score == "max":
+            group_scores = grouped.max(dim=-1).values
+        else:
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        keep = torch.topk(group_scores, self.topk_group, dim=-1).indices
+        mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(-1, keep, True)
+        mask = mask.unsqueeze(-1).expand_as(grouped).reshape(choice.shape)
+        return choice.masked_fill(~mask, float("-inf"))

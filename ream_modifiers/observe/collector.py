@@ -1,0 +1,163 @@
+"""
+One hook-based statistics collector per MoE layer.
+
+Hooks (all registered through the owning modifier, so llm-compressor disables them
+during its propagation passes):
+
+- a forward-pre hook on the experts list reads the model's *actual* routing, the
+  ``(hidden_states, top_k_index, top_k_weights)`` arguments the block passes to its
+  experts: group-limited selection, correction bias, renormalisation and scaling
+  factor are already applied exactly as the model applies them;
+- a forward hook on each expert reads its output, for the routed tokens (and for
+  every token when ``moe_calibrate_all_experts`` is on);
+- a forward hook on the experts list closes the batch.
+
+Statistics are pluggable :class:`Statistic` objects that only keep running sums or
+capped buffers, so memory does not grow with the number of calibration tokens,
+and every tensor they hold can be reduced across ``torch.distributed`` ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from llmcompressor.modeling.moe.context import get_calibrate_all_experts_flag
+from torch import distributed as dist
+
+from ream_modifiers.moe.layer import MoELayer
+from ream_modifiers.observe.statistics import Statistic
+
+__all__ = ["BatchRouting", "ExpertBatch", "LayerStatsCollector", "HookRegistrar"]
+
+HookRegistrar = Callable[[torch.nn.Module, Callable, str], object]
+
+
+@dataclass
+class BatchRouting:
+    """The routing of one calibration batch through a layer."""
+
+    hidden_states: torch.Tensor  # [T, H]
+    top_k_index: torch.Tensor  # [T, k]
+    top_k_weights: torch.Tensor  # [T, k]
+    valid: torch.Tensor | None  # [T] bool, None when no token is padding
+
+
+@dataclass
+class ExpertBatch:
+    """One expert's view of a batch: the tokens routed to it and its outputs."""
+
+    expert: int
+    token_index: torch.Tensor  # [R] routed token positions (padding removed)
+    weights: torch.Tensor  # [R] routing weight of this expert for those tokens
+    outputs: torch.Tensor  # [R, H] expert outputs on those tokens (unweighted)
+    all_outputs: torch.Tensor | None  # [T', H] outputs on every valid token, or None
+    routing: BatchRouting
+
+
+class LayerStatsCollector:
+    """
+    Streams calibration statistics of one MoE layer.
+
+    :param layer: the MoE layer to observe
+    :param statistics: statistics to feed; each declares what it needs
+    :param padding_masks: per-batch ``[tokens]`` bool masks of real tokens (None
+        for a batch without padding), in calibration order
+    """
+
+    def __init__(
+        self,
+        layer: MoELayer,
+        statistics: Sequence[Statistic],
+        padding_masks: Sequence[torch.Tensor | None] = (),
+    ):
+        self.layer = layer
+        self.statistics = list(statistics)
+        self.padding_masks = list(padding_masks)
+        self.batches_seen = 0
+        self.tokens_seen = 0
+        self._routing: BatchRouting | None = None
+
+    def __getitem__(self, name: str) -> Statistic:
+        for statistic in self.statistics:
+            if statistic.name == name:
+                return statistic
+        raise KeyError(f"{self.layer.name} collects no statistic {name!r}")
+
+    # -- hooks -------------------------------------------------------------------
+
+    def attach(self, register: HookRegistrar) -> None:
+        """Register this collector's hooks through ``register(module, fn, kind)``."""
+        experts = self.layer.experts
+        register(experts, self._on_experts_input, "forward_pre")
+        for index, expert in enumerate(self.layer.expert_modules()):
+            register(expert, partial(self._on_expert_output, index), "forward")
+        register(experts, self._on_experts_output, "forward")
+
+    @torch.no_grad()
+    def _on_experts_input(self, module, args) -> None:
+        hidden_states, top_k_index, top_k_weights = args[:3]
+        valid = self._padding_mask(hidden_states.shape[0], hidden_states.device)
+        self._routing = BatchRouting(hidden_states, top_k_index, top_k_weights, valid)
+        for statistic in self.statistics:
+            statistic.update_routing(self._routing)
+
+    @torch.no_grad()
+    def _on_expert_output(self, expert: int, module, args, output) -> None:
+        routing = self._routing
+        if routing is None:  # expert called outside its block
+            return
+        output = output[0] if isinstance(output, tuple) else output
+        # LinearExperts2D visits routed tokens slot by slot: same order here
+        slot, token_index = torch.where((routing.top_k_index == expert).T)
+        all_outputs = None
+        if get_calibrate_all_experts_flag():
+            all_outputs = output
+            output = output[token_index]
+        weights = routing.top_k_weights[token_index, slot]
+        if routing.valid is not None:
+            keep = routing.valid[token_index]
+            token_index, weights, output = token_index[keep], weights[keep], output[keep]
+            if all_outputs is not None:
+                all_outputs = all_outputs[routing.valid]
+        batch = ExpertBatch(expert, token_index, weights, output, all_outputs, routing)
+        for statistic in self.statistics:
+            statistic.update_expert(batch)
+
+    def _on_experts_output(self, module, args, output) -> None:
+        routing = self._routing
+        if routing is not None:
+            valid = routing.valid
+            tokens = routing.hidden_states.shape[0]
+            self.tokens_seen += tokens if valid is None else int(valid.sum())
+        self._routing = None
+        self.batches_seen += 1
+
+    def _padding_mask(self, tokens: int, device: torch.device) -> torch.Tensor | None:
+        if self.batches_seen >= len(self.padding_masks):
+            return None
+        mask = self.padding_masks[self.batches_seen]
+        if mask is None:
+            return None
+        if mask.numel() != tokens:
+            raise RuntimeError(
+                f"{self.layer.name}: calibration batch {self.batches_seen} has "
+                f"{tokens} tokens but its attention mask has {mask.numel()}; the "
+                "pipeline did not feed batches in dataloader order, so padding "
+                "cannot be excluded. Calibrate with batch_size=1 or without padding."
+            )
+        return mask.to(device)
+
+    # -- results ---------------------------------------------------------------
+
+    def all_reduce(self, group: dist.ProcessGroup | None = None) -> None:
+        """
+        Sum every statistic across ranks. Every rank must call this for the same
+        layers in the same order, also a rank that routed no token here.
+        """
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        for statistic in self.statistics:
+            statistic.all_reduce(group)

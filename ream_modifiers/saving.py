@@ -1,0 +1,73 @@
+"""
+What every saved checkpoint gets on top of llm-compressor's save: the right expert
+count under every config key, and the per-layer report of what was removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedModel
+
+from ream_modifiers.moe.edit import patch_saved_config
+
+__all__ = ["REPORT_FILENAME", "record_for_save", "install_save_hook"]
+
+REPORT_FILENAME = "expert_reduction.json"
+_STATE_ATTR = "_ream_save_state"
+
+
+def _state(model: PreTrainedModel) -> dict[str, Any]:
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        state = {"config": {}, "reports": []}
+        setattr(model, _STATE_ATTR, state)
+    return state
+
+
+def record_for_save(
+    model: PreTrainedModel,
+    config_values: dict[str, Any] | None = None,
+    report: dict[str, Any] | None = None,
+) -> None:
+    """Remember config keys and a report to write on every later save."""
+    state = _state(model)
+    state["config"].update(config_values or {})
+    if report is not None:
+        state["reports"] = [r for r in state["reports"] if r is not report] + [report]
+
+
+def install_save_hook(model: PreTrainedModel) -> None:
+    """
+    Wrap ``model.save_pretrained`` (idempotently, outside llm-compressor's own
+    wrapper) so that after the save ``config.json`` carries the recorded keys and
+    the report lands next to the weights.
+    """
+    save = model.save_pretrained
+    if getattr(save, "_ream_wrapped", False):
+        return
+    _state(model)
+
+    @wraps(save)
+    def save_pretrained(save_directory: str | os.PathLike, *args, **kwargs):
+        result = save(save_directory, *args, **kwargs)
+        finish_saved_checkpoint(model, save_directory)
+        return result
+
+    save_pretrained._ream_wrapped = True
+    # llm-compressor skips re-wrapping a method marked this way
+    save_pretrained._overridden = True
+    model.save_pretrained = save_pretrained
+
+
+def finish_saved_checkpoint(model: PreTrainedModel, save_directory) -> None:
+    state = _state(model)
+    if state["config"]:
+        patch_saved_config(save_directory, state["config"])
+    if state["reports"]:
+        path = Path(save_directory) / REPORT_FILENAME
+        path.write_text(json.dumps(state["reports"], indent=2) + "\n")

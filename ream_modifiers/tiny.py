@@ -1,0 +1,141 @@
+"""
+Tiny random MoE models built locally from transformers configs, with a byte-level
+BPE tokenizer trained on the bundled corpus. They serve the demo and the tests;
+nothing is downloaded.
+
+Sizes keep every quantizable ``Linear`` input a multiple of 128, W4A16's group
+size, so GPTQ runs on them unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from ream_modifiers.data.calibration import bundled_texts
+
+__all__ = ["TINY_CONFIGS", "build_tokenizer", "build_tiny_moe"]
+
+_COMMON = dict(
+    vocab_size=512,
+    hidden_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+)
+
+# Per model_type: config kwargs of a 2-MoE-layer model with 8 experts, top-2.
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "qwen3_moe": dict(
+        _COMMON,
+        num_hidden_layers=2,
+        intermediate_size=256,
+        moe_intermediate_size=128,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+    ),
+    "qwen2_moe": dict(
+        _COMMON,
+        num_hidden_layers=2,
+        intermediate_size=256,
+        moe_intermediate_size=128,
+        shared_expert_intermediate_size=128,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=False,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+    ),
+    "mixtral": dict(
+        _COMMON,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+    ),
+    "deepseek_v3": dict(
+        {k: v for k, v in _COMMON.items() if k != "head_dim"},
+        num_hidden_layers=3,
+        first_k_dense_replace=1,
+        intermediate_size=256,
+        moe_intermediate_size=128,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        kv_lora_rank=128,
+        q_lora_rank=None,
+        qk_rope_head_dim=16,
+        qk_nope_head_dim=16,
+        v_head_dim=32,
+        num_key_value_heads=4,
+        # hub DeepSeek-V3 configs carry these; vLLM needs them
+        topk_method="noaux_tc",
+        scoring_func="sigmoid",
+    ),
+}
+
+
+def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on the bundled corpus (deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(bundled_texts("mix"), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+
+
+def build_tiny_moe(
+    model_type: str,
+    save_dir: str | os.PathLike,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    **overrides: Any,
+) -> Path:
+    """
+    Build a tiny random MoE of ``model_type``, save it with its tokenizer, and
+    return the directory. Score-correction biases get random values so that
+    routing tests exercise them.
+
+    :param model_type: a key of :data:`TINY_CONFIGS`
+    :param save_dir: where to save the model and tokenizer
+    :param seed: weights seed
+    :param overrides: config kwargs overriding the tiny defaults
+    """
+    if model_type not in TINY_CONFIGS:
+        raise ValueError(f"no tiny config for {model_type!r}; have {sorted(TINY_CONFIGS)}")
+    config = AutoConfig.for_model(model_type, **{**TINY_CONFIGS[model_type], **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(torch.randn_like(buffer) * 0.05)
+    save_dir = Path(save_dir)
+    model.save_pretrained(save_dir)
+    build_tokenizer(config.vocab_size).save_pretrained(save_dir)
+    return save_dir

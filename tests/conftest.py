@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny random MoE checkpoints built locally, once per session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from llmcompressor.core import reset_session  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+import ream_modifiers  # noqa: E402, F401  (registers the modifiers)
+from ream_modifiers.data import build_calibration_dataset  # noqa: E402
+from ream_modifiers.moe import load_moe_model  # noqa: E402
+from ream_modifiers.tiny import build_tiny_moe  # noqa: E402
+
+MODEL_TYPES = ["qwen3_moe", "mixtral", "deepseek_v3"]
+NUM_SAMPLES = 16
+SEQ_LEN = 32
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """``tiny_model_dir(model_type)`` -> path of a saved tiny model (cached)."""
+    cache: dict[str, object] = {}
+
+    def build(model_type: str):
+        if model_type not in cache:
+            path = tmp_path_factory.mktemp(model_type)
+            cache[model_type] = build_tiny_moe(model_type, path)
+        return cache[model_type]
+
+    return build
+
+
+@pytest.fixture
+def load_tiny(tiny_model_dir):
+    """``load_tiny(model_type)`` -> (fresh linearized model, tokenizer, path)."""
+
+    def load(model_type: str):
+        path = tiny_model_dir(model_type)
+        model = load_moe_model(path, dtype=torch.float32)
+        return model, AutoTokenizer.from_pretrained(path), path
+
+    return load
+
+
+@pytest.fixture
+def calibration(tiny_model_dir):
+    """``calibration(model_type)`` -> tokenized bundled calibration rows."""
+
+    def build(model_type: str, num_samples: int = NUM_SAMPLES):
+        tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir(model_type))
+        return build_calibration_dataset("bundled", tokenizer, num_samples, SEQ_LEN)
+
+    return build
+
+
+@pytest.fixture(autouse=True)
+def fresh_session():
+    reset_session()
+    yield
+    reset_session()
+
+
+def sample_input_ids(batch: int = 2, length: int = 24, vocab: int = 512, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=generator)

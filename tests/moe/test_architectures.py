@@ -1,0 +1,62 @@
+import pytest
+from loguru import logger
+from transformers import AutoConfig, LlamaConfig
+
+from ream_modifiers.moe.architectures import ARCHITECTURES, get_arch_spec
+from ream_modifiers.moe.routing import RoutingSpec
+from ream_modifiers.tiny import TINY_CONFIGS
+
+REQUIRED = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe"]
+
+
+@pytest.mark.parametrize("model_type", REQUIRED)
+def test_required_rows_exist_and_name_real_config_keys(model_type):
+    spec = ARCHITECTURES[model_type]
+    config = AutoConfig.for_model(model_type)
+    for key in (*spec.num_experts_keys, spec.top_k_key):
+        assert isinstance(getattr(config, key), int), key
+    for pattern in ("lm_head", "re:.*mlp.gate$"):
+        assert pattern in spec.quantization_ignore
+
+
+def test_qwen2_moe_protects_shared_expert_gate():
+    spec = ARCHITECTURES["qwen2_moe"]
+    assert spec.shared_expert_gate_attr == "shared_expert_gate"
+    assert "re:.*mlp.shared_expert_gate$" in spec.quantization_ignore
+
+
+@pytest.mark.parametrize(
+    "model_type, expected",
+    [
+        ("qwen3_moe", dict(scoring="softmax", renormalize=True, n_group=None)),
+        ("mixtral", dict(scoring="softmax", renormalize=True, n_group=None)),
+        ("deepseek_v3", dict(scoring="sigmoid", n_group=2, topk_group=1)),
+    ],
+)
+def test_routing_spec_from_config(model_type, expected):
+    config = AutoConfig.for_model(model_type, **TINY_CONFIGS[model_type])
+    routing = RoutingSpec.from_config(config, get_arch_spec(config))
+    assert routing.num_experts == 8 and routing.top_k == 2
+    for key, value in expected.items():
+        assert getattr(routing, key) == value
+    if model_type == "deepseek_v3":
+        assert routing.scaling_factor == 2.5 and routing.group_size == 4
+
+
+def test_unknown_moe_type_is_detected_with_a_warning():
+    config = AutoConfig.for_model("qwen3_moe", **TINY_CONFIGS["qwen3_moe"])
+    config.model_type = "my_new_moe"
+    messages = []
+    handle = logger.add(messages.append, level="WARNING")
+    try:
+        spec = get_arch_spec(config)
+    finally:
+        logger.remove(handle)
+    assert spec.model_type == "my_new_moe"
+    assert "num_experts" in spec.num_experts_keys and spec.top_k_key == "num_experts_per_tok"
+    assert any("No architecture row" in str(m) for m in messages)
+
+
+def test_dense_config_is_rejected_with_a_clear_error():
+    with pytest.raises(ValueError, match="not an MoE model"):
+        get_arch_spec(LlamaConfig(hidden_size=64))

@@ -1,0 +1,108 @@
+import pytest
+import torch
+from llmcompressor.modeling.moe.context import moe_calibration_context
+
+from ream_modifiers.moe import find_moe_layers
+from ream_modifiers.observe import LayerStatsCollector, MeanExpertOutput, RoutedExpertSums
+from tests.conftest import sample_input_ids
+
+
+def _register(handles):
+    def register(module, fn, kind):
+        method = {"forward": module.register_forward_hook,
+                  "forward_pre": module.register_forward_pre_hook}[kind]
+        handles.append(method(fn))
+
+    return register
+
+
+def _expected_sums(layer, hidden, index, weights, valid):
+    """Straight loop over tokens and slots: the definition of the sums."""
+    expected = {k: torch.zeros(8, dtype=torch.float64) for k in ("count", "weighted_norm", "norm", "weight")}
+    mean_sum = torch.zeros(8, 128, dtype=torch.float64)
+    with torch.no_grad():
+        outputs = torch.stack([layer.expert(e)(hidden) for e in range(8)])  # [E, T, H]
+    for t in range(hidden.shape[0]):
+        if not valid[t]:
+            continue
+        mean_sum += outputs[:, t].double()
+        for s in range(index.shape[1]):
+            e, g = int(index[t, s]), float(weights[t, s])
+            norm = float(outputs[e, t].norm())
+            expected["count"][e] += 1
+            expected["weighted_norm"][e] += g * norm
+            expected["norm"][e] += norm
+            expected["weight"][e] += g
+    return expected, mean_sum, outputs
+
+
+@pytest.mark.parametrize("all_experts", [False, True])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3"])
+def test_routed_sums_match_a_hand_computation(load_tiny, model_type, all_experts):
+    model, _, _ = load_tiny(model_type)
+    layer = find_moe_layers(model)[0]
+    ids = sample_input_ids(batch=2, length=10)
+    valid = torch.ones(20, dtype=torch.bool)
+    valid[7:10] = False  # right padding in the first row
+    statistics = [RoutedExpertSums(8)] + ([MeanExpertOutput(8)] if all_experts else [])
+    collector = LayerStatsCollector(layer, statistics, padding_masks=[valid])
+    seen, handles = {}, []
+    handles.append(layer.experts.register_forward_pre_hook(
+        lambda m, args: seen.update(args=args[:3])))
+    collector.attach(_register(handles))
+    with torch.no_grad():
+        if all_experts:
+            with moe_calibration_context():
+                model(ids)
+        else:
+            model(ids)
+    for handle in handles:
+        handle.remove()
+    hidden, index, weights = seen["args"]
+    expected, mean_sum, outputs = _expected_sums(layer, hidden, index, weights, valid)
+    sums = collector["routed"].tensors
+    for key, value in expected.items():
+        torch.testing.assert_close(sums[key], value, rtol=1e-6, atol=1e-6)
+    assert collector.tokens_seen == 17 and collector.batches_seen == 1
+    peak = torch.tensor([
+        outputs[e][(index == e).any(-1) & valid].abs().max() if expected["count"][e] else 0.0
+        for e in range(8)
+    ], dtype=torch.float64)
+    torch.testing.assert_close(sums["max_activation"], peak, rtol=1e-6, atol=1e-6)
+    if all_experts:
+        torch.testing.assert_close(collector["mean_output"].mean(), mean_sum / 17)
+
+
+def test_mean_output_requires_all_experts(load_tiny):
+    model, _, _ = load_tiny("qwen3_moe")
+    layer = find_moe_layers(model)[0]
+    collector = LayerStatsCollector(layer, [MeanExpertOutput(8)])
+    handles = []
+    collector.attach(_register(handles))
+    with pytest.raises(RuntimeError, match="moe_calibrate_all_experts=True"):
+        with torch.no_grad():
+            model(sample_input_ids())
+
+
+def test_padding_mask_of_the_wrong_size_is_an_error(load_tiny):
+    model, _, _ = load_tiny("mixtral")
+    layer = find_moe_layers(model)[0]
+    collector = LayerStatsCollector(layer, [RoutedExpertSums(8)], padding_masks=[torch.ones(5, dtype=torch.bool)])
+    collector.attach(_register([]))
+    with pytest.raises(RuntimeError, match="cannot be excluded"):
+        with torch.no_grad():
+            model(sample_input_ids())
+
+
+def test_memory_does_not_grow_with_batches(load_tiny):
+    model, _, _ = load_tiny("qwen3_moe")
+    layer = find_moe_layers(model)[0]
+    collector = LayerStatsCollector(layer, [RoutedExpertSums(8)])
+    collector.attach(_register([]))
+    with torch.no_grad():
+        model(sample_input_ids(seed=1))
+        sizes = {k: v.numel() for k, v in collector["routed"].tensors.items()}
+        for seed in range(2, 6):
+            model(sample_input_ids(seed=seed))
+    assert {k: v.numel() for k, v in collector["routed"].tensors.items()} == sizes
+    assert collector.batches_seen == 5 and collector["routed"].tensors["count"].sum() == 5 * 48 * 2
