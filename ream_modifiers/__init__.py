@@ -6,7 +6,11 @@ modifiers. Importing the package registers every modifier with llm-compressor's
 
 from llmcompressor.modifiers.factory import ModifierFactory
 
-from ream_modifiers.modifiers import AIMERModifier, ExpertReductionModifier, REAPModifier
+from ream_modifiers.modifiers import (
+    AIMERModifier,
+    ExpertReductionModifier,
+    REAPModifier,
+)
 from ream_modifiers.moe import find_moe_layers, load_moe_model
 
 __version__ = "0.1.0"

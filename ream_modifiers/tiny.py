@@ -127,8 +127,12 @@ def build_tiny_moe(
     :param overrides: config kwargs overriding the tiny defaults
     """
     if model_type not in TINY_CONFIGS:
-        raise ValueError(f"no tiny config for {model_type!r}; have {sorted(TINY_CONFIGS)}")
-    config = AutoConfig.for_model(model_type, **{**TINY_CONFIGS[model_type], **overrides})
+        raise ValueError(
+            f"no tiny config for {model_type!r}; have {sorted(TINY_CONFIGS)}"
+        )
+    config = AutoConfig.for_model(
+        model_type, **{**TINY_CONFIGS[model_type], **overrides}
+    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     with torch.no_grad():

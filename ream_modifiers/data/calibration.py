@@ -52,13 +52,17 @@ def bundled_texts(domain: str = "mix") -> list[str]:
         arithmetic) or ``mix`` (all three, interleaved)
     """
     general = [line for line in _bundled("general.txt").splitlines() if line.strip()]
-    code = [block.strip() for block in _bundled("code.txt").split("\n\n") if block.strip()]
+    code = [
+        block.strip() for block in _bundled("code.txt").split("\n\n") if block.strip()
+    ]
     math = math_texts(40)
     domains = {"general": general, "code": code, "math": math}
     if domain in domains:
         return domains[domain]
     if domain != "mix":
-        raise ValueError(f"unknown bundled domain {domain!r}; use {sorted(domains)} or mix")
+        raise ValueError(
+            f"unknown bundled domain {domain!r}; use {sorted(domains)} or mix"
+        )
     mixed = []
     for i in range(max(map(len, domains.values()))):
         mixed.extend(texts[i] for texts in domains.values() if i < len(texts))
@@ -72,7 +76,11 @@ def read_local_texts(path: str | Path, text_field: str = "text") -> list[str]:
     ``content`` of a ``messages`` chat list).
     """
     path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.suffix in {".txt", ".jsonl"}) if path.is_dir() else [path]
+    files = (
+        sorted(p for p in path.rglob("*") if p.suffix in {".txt", ".jsonl"})
+        if path.is_dir()
+        else [path]
+    )
     if not files:
         raise ValueError(f"no .txt or .jsonl calibration files under {path}")
     texts: list[str] = []
@@ -80,7 +88,9 @@ def read_local_texts(path: str | Path, text_field: str = "text") -> list[str]:
         if file.suffix == ".jsonl":
             for number, line in enumerate(file.read_text().splitlines(), start=1):
                 if line.strip():
-                    texts.append(_record_text(json.loads(line), text_field, file, number))
+                    texts.append(
+                        _record_text(json.loads(line), text_field, file, number)
+                    )
         elif file.suffix == ".txt":
             texts.extend(p.strip() for p in file.read_text().split("\n\n") if p.strip())
         else:
@@ -129,7 +139,9 @@ def load_texts(source: str, num_samples: int, text_field: str = "text") -> list[
 def _hf_texts(source: str, num_samples: int, text_field: str) -> list[str]:
     from datasets import load_dataset
 
-    name, config, split, field = HF_DATASETS.get(source, (None, None, "train", text_field))
+    name, config, split, field = HF_DATASETS.get(
+        source, (None, None, "train", text_field)
+    )
     if name is None:
         name, _, config = source.partition(":")
         config = config or None
@@ -160,10 +172,14 @@ def tokenize_texts(
     needed = num_samples * max_seq_length
     while len(ids) < needed:
         for text in texts:
-            ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + separator)
+            ids.extend(
+                tokenizer(text, add_special_tokens=False)["input_ids"] + separator
+            )
             if len(ids) >= needed:
                 break
-    rows = [ids[i * max_seq_length : (i + 1) * max_seq_length] for i in range(num_samples)]
+    rows = [
+        ids[i * max_seq_length : (i + 1) * max_seq_length] for i in range(num_samples)
+    ]
     return Dataset.from_dict(
         {"input_ids": rows, "attention_mask": [[1] * max_seq_length for _ in rows]}
     )

@@ -126,7 +126,11 @@ class ExpertReductionModifier(Modifier):
     def min_experts_per_group(self, layers: list[MoELayer]) -> int:
         routing = layers[0].routing
         # group scores that sum the top-2 experts need two per group
-        return 2 if routing.n_group is not None and routing.group_score == "top2_sum" else 1
+        return (
+            2
+            if routing.n_group is not None and routing.group_score == "top2_sum"
+            else 1
+        )
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -192,7 +196,9 @@ class ExpertReductionModifier(Modifier):
     def on_sequential_epoch_end(self, state: State, event: Event, **kwargs):
         modules = kwargs.get("modules")
         finished = (
-            set(map(id, modules)) if modules is not None else {id(m) for m in state.model.modules()}
+            set(map(id, modules))
+            if modules is not None
+            else {id(m) for m in state.model.modules()}
         )
         # model order, identical on every rank
         for layer in self._layers:

@@ -7,6 +7,11 @@ from ream_modifiers.moe.edit import (
     sync_config,
     write_expert,
 )
-from ream_modifiers.moe.layer import ExpertWeights, MoELayer, MoEModelError, find_moe_layers
+from ream_modifiers.moe.layer import (
+    ExpertWeights,
+    MoELayer,
+    MoEModelError,
+    find_moe_layers,
+)
 from ream_modifiers.moe.load import load_moe_model
 from ream_modifiers.moe.routing import RoutingSpec

@@ -191,7 +191,12 @@ def get_arch_spec(config: PretrainedConfig) -> MoEArchSpec:
     return detect_spec(config)
 
 
-_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+_COUNT_KEYS = (
+    "num_experts",
+    "num_local_experts",
+    "n_routed_experts",
+    "moe_num_experts",
+)
 _TOP_K_KEYS = ("num_experts_per_tok", "moe_k", "moe_topk", "top_k")
 
 
@@ -224,7 +229,9 @@ def detect_spec(config: PretrainedConfig) -> MoEArchSpec:
         n_group_key="n_group" if has_groups else None,
         topk_group_key="topk_group" if has_groups else None,
         scaling_factor_key=(
-            "routed_scaling_factor" if hasattr(config, "routed_scaling_factor") else None
+            "routed_scaling_factor"
+            if hasattr(config, "routed_scaling_factor")
+            else None
         ),
         bias_attr="e_score_correction_bias",
         bias_location="router",

@@ -35,7 +35,12 @@ __all__ = [
 ]
 
 # Attributes in which modules cache the expert count they were built with.
-_CACHED_COUNT_ATTRS = ("num_experts", "n_experts", "n_routed_experts", "num_local_experts")
+_CACHED_COUNT_ATTRS = (
+    "num_experts",
+    "n_experts",
+    "n_routed_experts",
+    "num_local_experts",
+)
 
 
 @torch.no_grad()
@@ -56,7 +61,9 @@ def keep_experts(layer: MoELayer, keep: Sequence[int]) -> None:
             f"got {keep}"
         )
     experts = layer.experts
-    others = [(k, m) for k, m in experts._modules.items() if not isinstance(m, ExpertMLP)]
+    others = [
+        (k, m) for k, m in experts._modules.items() if not isinstance(m, ExpertMLP)
+    ]
     modules = OrderedDict((str(new), experts[old]) for new, old in enumerate(keep))
     modules.update(others)  # the shared act_fn entry stays last
     experts._modules = modules
@@ -178,7 +185,11 @@ def patch_saved_config(save_dir: str | os.PathLike, values: Mapping[str, object]
     """
     path = Path(save_dir) / "config.json"
     config = json.loads(path.read_text())
-    target = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    target = (
+        config.get("text_config")
+        if isinstance(config.get("text_config"), dict)
+        else config
+    )
     changed = {k: v for k, v in values.items() if target.get(k) != v}
     if not changed:
         return

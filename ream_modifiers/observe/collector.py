@@ -119,7 +119,11 @@ class LayerStatsCollector:
         weights = routing.top_k_weights[token_index, slot]
         if routing.valid is not None:
             keep = routing.valid[token_index]
-            token_index, weights, output = token_index[keep], weights[keep], output[keep]
+            token_index, weights, output = (
+                token_index[keep],
+                weights[keep],
+                output[keep],
+            )
             if all_outputs is not None:
                 all_outputs = all_outputs[routing.valid]
         batch = ExpertBatch(expert, token_index, weights, output, all_outputs, routing)

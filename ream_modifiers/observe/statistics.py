@@ -36,10 +36,14 @@ class Statistic:
         self.num_experts = num_experts
         self._tensors: dict[str, torch.Tensor] | None = None
 
-    def _allocate(self, device: torch.device, hidden_size: int) -> dict[str, torch.Tensor]:
+    def _allocate(
+        self, device: torch.device, hidden_size: int
+    ) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def _ensure(self, device: torch.device, hidden_size: int) -> dict[str, torch.Tensor]:
+    def _ensure(
+        self, device: torch.device, hidden_size: int
+    ) -> dict[str, torch.Tensor]:
         if self._tensors is None:
             self._tensors = self._allocate(device, hidden_size)
         return self._tensors
@@ -67,7 +71,11 @@ class Statistic:
             )
         for key in sorted(self._tensors):
             tensor = self._tensors[key]
-            op = dist.ReduceOp.MAX if self.reduce_ops.get(key) == "max" else dist.ReduceOp.SUM
+            op = (
+                dist.ReduceOp.MAX
+                if self.reduce_ops.get(key) == "max"
+                else dist.ReduceOp.SUM
+            )
             host = tensor.cpu()
             dist.all_reduce(host, op=op, group=group)
             self._tensors[key] = host.to(tensor.device)

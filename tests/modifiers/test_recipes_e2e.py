@@ -35,8 +35,14 @@ def _tensor_names(directory: Path) -> set[str]:
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_recipe_end_to_end(load_tiny, calibration, tmp_path, model_type, recipe):
     model, tokenizer, _ = load_tiny(model_type)
-    oneshot(model=model, dataset=calibration(model_type), recipe=str(RECIPES / recipe),
-            processor=tokenizer, num_calibration_samples=NUM_SAMPLES, max_seq_length=SEQ_LEN)
+    oneshot(
+        model=model,
+        dataset=calibration(model_type),
+        recipe=str(RECIPES / recipe),
+        processor=tokenizer,
+        num_calibration_samples=NUM_SAMPLES,
+        max_seq_length=SEQ_LEN,
+    )
     ids = sample_input_ids()
     with torch.no_grad():
         in_memory = model(ids).logits
@@ -47,7 +53,9 @@ def test_recipe_end_to_end(load_tiny, calibration, tmp_path, model_type, recipe)
     reloaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(ids).logits, in_memory, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            reloaded(ids).logits, in_memory, rtol=1e-5, atol=1e-5
+        )
 
     config = json.loads((out / "config.json").read_text())
     for key in COUNT_KEYS[model_type]:
@@ -78,19 +86,30 @@ def test_recipe_end_to_end(load_tiny, calibration, tmp_path, model_type, recipe)
     assert all(len(entry["kept"]) == 6 for entry in report[0]["layers"].values())
     recipe_yaml = (out / "recipe.yaml").read_text()
     reparsed = Recipe.create_instance(recipe_yaml)
-    assert [type(m).__name__ for m in reparsed.modifiers][0] in ("REAPModifier", "AIMERModifier")
+    assert [type(m).__name__ for m in reparsed.modifiers][0] in (
+        "REAPModifier",
+        "AIMERModifier",
+    )
 
 
-def test_deepseek_correction_bias_follows_kept_experts(load_tiny, calibration, tmp_path):
+def test_deepseek_correction_bias_follows_kept_experts(
+    load_tiny, calibration, tmp_path
+):
     model, tokenizer, _ = load_tiny("deepseek_v3")
     bias = model.model.layers[1].mlp.gate.e_score_correction_bias.clone()
     report = tmp_path / "r.json"
-    oneshot(model=model, dataset=calibration("deepseek_v3"),
-            recipe=f"""
+    oneshot(
+        model=model,
+        dataset=calibration("deepseek_v3"),
+        recipe=f"""
 aimer_stage:
   aimer_modifiers:
     AIMERModifier: {{sparsity: 0.5, report_path: "{report}"}}
-""", processor=tokenizer)
+""",
+        processor=tokenizer,
+    )
     kept = json.loads(report.read_text())["layers"]["model.layers.1.mlp"]["kept"]
     assert len(kept) == 4 and sum(k < 4 for k in kept) == 2  # two per group
-    assert torch.equal(model.model.layers[1].mlp.gate.e_score_correction_bias, bias[kept])
+    assert torch.equal(
+        model.model.layers[1].mlp.gate.e_score_correction_bias, bias[kept]
+    )

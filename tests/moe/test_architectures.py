@@ -53,7 +53,10 @@ def test_unknown_moe_type_is_detected_with_a_warning():
     finally:
         logger.remove(handle)
     assert spec.model_type == "my_new_moe"
-    assert "num_experts" in spec.num_experts_keys and spec.top_k_key == "num_experts_per_tok"
+    assert (
+        "num_experts" in spec.num_experts_keys
+        and spec.top_k_key == "num_experts_per_tok"
+    )
     assert any("No architecture row" in str(m) for m in messages)
 
 

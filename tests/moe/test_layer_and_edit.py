@@ -35,7 +35,10 @@ def test_stacked_weights_view(load_tiny):
 def test_deepseek_layer_exposes_bias_and_shared_experts(load_tiny):
     model, _, _ = load_tiny("deepseek_v3")
     layers = find_moe_layers(model)
-    assert [layer.name for layer in layers] == ["model.layers.1.mlp", "model.layers.2.mlp"]
+    assert [layer.name for layer in layers] == [
+        "model.layers.1.mlp",
+        "model.layers.2.mlp",
+    ]
     layer = layers[0]
     assert layer.correction_bias is layer.router.e_score_correction_bias
     assert layer.correction_bias.abs().sum() > 0
@@ -121,8 +124,13 @@ def test_sync_config_and_patch_saved_config(load_tiny, tmp_path):
 
 def test_find_moe_layers_errors(load_tiny, tmp_path):
     dense = AutoModelForCausalLM.from_config(
-        LlamaConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=1,
-                    num_attention_heads=2, vocab_size=64)
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=64,
+        )
     )
     with pytest.raises(ValueError, match="not an MoE model"):
         find_moe_layers(dense)

@@ -3,14 +3,20 @@ import torch
 from llmcompressor.modeling.moe.context import moe_calibration_context
 
 from ream_modifiers.moe import find_moe_layers
-from ream_modifiers.observe import LayerStatsCollector, MeanExpertOutput, RoutedExpertSums
+from ream_modifiers.observe import (
+    LayerStatsCollector,
+    MeanExpertOutput,
+    RoutedExpertSums,
+)
 from tests.conftest import sample_input_ids
 
 
 def _register(handles):
     def register(module, fn, kind):
-        method = {"forward": module.register_forward_hook,
-                  "forward_pre": module.register_forward_pre_hook}[kind]
+        method = {
+            "forward": module.register_forward_hook,
+            "forward_pre": module.register_forward_pre_hook,
+        }[kind]
         handles.append(method(fn))
 
     return register
@@ -18,7 +24,10 @@ def _register(handles):
 
 def _expected_sums(layer, hidden, index, weights, valid):
     """Straight loop over tokens and slots: the definition of the sums."""
-    expected = {k: torch.zeros(8, dtype=torch.float64) for k in ("count", "weighted_norm", "norm", "weight")}
+    expected = {
+        k: torch.zeros(8, dtype=torch.float64)
+        for k in ("count", "weighted_norm", "norm", "weight")
+    }
     mean_sum = torch.zeros(8, 128, dtype=torch.float64)
     with torch.no_grad():
         outputs = torch.stack([layer.expert(e)(hidden) for e in range(8)])  # [E, T, H]
@@ -47,8 +56,11 @@ def test_routed_sums_match_a_hand_computation(load_tiny, model_type, all_experts
     statistics = [RoutedExpertSums(8)] + ([MeanExpertOutput(8)] if all_experts else [])
     collector = LayerStatsCollector(layer, statistics, padding_masks=[valid])
     seen, handles = {}, []
-    handles.append(layer.experts.register_forward_pre_hook(
-        lambda m, args: seen.update(args=args[:3])))
+    handles.append(
+        layer.experts.register_forward_pre_hook(
+            lambda m, args: seen.update(args=args[:3])
+        )
+    )
     collector.attach(_register(handles))
     with torch.no_grad():
         if all_experts:
@@ -64,10 +76,15 @@ def test_routed_sums_match_a_hand_computation(load_tiny, model_type, all_experts
     for key, value in expected.items():
         torch.testing.assert_close(sums[key], value, rtol=1e-6, atol=1e-6)
     assert collector.tokens_seen == 17 and collector.batches_seen == 1
-    peak = torch.tensor([
-        outputs[e][(index == e).any(-1) & valid].abs().max() if expected["count"][e] else 0.0
-        for e in range(8)
-    ], dtype=torch.float64)
+    peak = torch.tensor(
+        [
+            outputs[e][(index == e).any(-1) & valid].abs().max()
+            if expected["count"][e]
+            else 0.0
+            for e in range(8)
+        ],
+        dtype=torch.float64,
+    )
     torch.testing.assert_close(sums["max_activation"], peak, rtol=1e-6, atol=1e-6)
     if all_experts:
         torch.testing.assert_close(collector["mean_output"].mean(), mean_sum / 17)
@@ -87,7 +104,9 @@ def test_mean_output_requires_all_experts(load_tiny):
 def test_padding_mask_of_the_wrong_size_is_an_error(load_tiny):
     model, _, _ = load_tiny("mixtral")
     layer = find_moe_layers(model)[0]
-    collector = LayerStatsCollector(layer, [RoutedExpertSums(8)], padding_masks=[torch.ones(5, dtype=torch.bool)])
+    collector = LayerStatsCollector(
+        layer, [RoutedExpertSums(8)], padding_masks=[torch.ones(5, dtype=torch.bool)]
+    )
     collector.attach(_register([]))
     with pytest.raises(RuntimeError, match="cannot be excluded"):
         with torch.no_grad():
@@ -105,4 +124,7 @@ def test_memory_does_not_grow_with_batches(load_tiny):
         for seed in range(2, 6):
             model(sample_input_ids(seed=seed))
     assert {k: v.numel() for k, v in collector["routed"].tensors.items()} == sizes
-    assert collector.batches_seen == 5 and collector["routed"].tensors["count"].sum() == 5 * 48 * 2
+    assert (
+        collector.batches_seen == 5
+        and collector["routed"].tensors["count"].sum() == 5 * 48 * 2
+    )
