@@ -43,6 +43,27 @@ class BatchRouting:
     top_k_index: torch.Tensor  # [T, k]
     top_k_weights: torch.Tensor  # [T, k]
     valid: torch.Tensor | None  # [T] bool, None when no token is padding
+    # (slot * T + token) of every routed pair, grouped by expert in slot-major
+    # order (the order LinearExperts2D feeds its experts), and each expert's range
+    order: torch.Tensor
+    offsets: list[int]
+
+    @classmethod
+    def build(cls, hidden_states, top_k_index, top_k_weights, valid, num_experts):
+        flat = top_k_index.T.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        # one host sync per batch (not per expert) to slice the ranges
+        counts = torch.bincount(flat, minlength=num_experts).tolist()
+        offsets = [0]
+        for count in counts:
+            offsets.append(offsets[-1] + count)
+        return cls(hidden_states, top_k_index, top_k_weights, valid, order, offsets)
+
+    def routed(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(slot, token)`` of the pairs routed to ``expert``, slot-major."""
+        pairs = self.order[self.offsets[expert] : self.offsets[expert + 1]]
+        tokens = self.hidden_states.shape[0]
+        return pairs // tokens, pairs % tokens
 
 
 @dataclass
@@ -100,7 +121,9 @@ class LayerStatsCollector:
     def _on_experts_input(self, module, args) -> None:
         hidden_states, top_k_index, top_k_weights = args[:3]
         valid = self._padding_mask(hidden_states.shape[0], hidden_states.device)
-        self._routing = BatchRouting(hidden_states, top_k_index, top_k_weights, valid)
+        self._routing = BatchRouting.build(
+            hidden_states, top_k_index, top_k_weights, valid, self.layer.num_experts
+        )
         for statistic in self.statistics:
             statistic.update_routing(self._routing)
 
@@ -110,8 +133,7 @@ class LayerStatsCollector:
         if routing is None:  # expert called outside its block
             return
         output = output[0] if isinstance(output, tuple) else output
-        # LinearExperts2D visits routed tokens slot by slot: same order here
-        slot, token_index = torch.where((routing.top_k_index == expert).T)
+        slot, token_index = routing.routed(expert)
         all_outputs = None
         if get_calibrate_all_experts_flag():
             all_outputs = output
@@ -133,6 +155,8 @@ class LayerStatsCollector:
     def _on_experts_output(self, module, args, output) -> None:
         routing = self._routing
         if routing is not None:
+            for statistic in self.statistics:
+                statistic.end_batch()
             valid = routing.valid
             tokens = routing.hidden_states.shape[0]
             self.tokens_seen += tokens if valid is None else int(valid.sum())

@@ -56,6 +56,9 @@ class Statistic:
     def update_expert(self, batch: ExpertBatch) -> None:
         """Called once per expert per batch."""
 
+    def end_batch(self) -> None:
+        """Called once per batch, after every expert ran."""
+
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
         if self._tensors is None:
@@ -99,26 +102,40 @@ class RoutedExpertSums(Statistic):
 
     name = "routed"
     reduce_ops = {"max_activation": "max"}
+    _SUMS = ("count", "weighted_norm", "norm", "weight")
 
     def _allocate(self, device, hidden_size):
         zeros = torch.zeros(self.num_experts, dtype=torch.float64, device=device)
-        keys = ("count", "weighted_norm", "norm", "weight", "max_activation")
-        return {key: zeros.clone() for key in keys}
+        # one batch's per-expert values, folded into the sums in end_batch():
+        # one small write per expert instead of one per accumulator
+        self._batch = torch.zeros(
+            5, self.num_experts, dtype=torch.float64, device=device
+        )
+        return {key: zeros.clone() for key in (*self._SUMS, "max_activation")}
 
     def update_expert(self, batch: ExpertBatch) -> None:
         if batch.token_index.numel() == 0:
             return
-        acc = self.tensors
-        e = batch.expert
         norms = torch.linalg.vector_norm(batch.outputs, dim=-1, dtype=torch.float32)
         norms = norms.double()
         weights = batch.weights.double()
-        acc["count"][e] += norms.numel()
-        acc["weighted_norm"][e] += (weights * norms).sum()
-        acc["norm"][e] += norms.sum()
-        acc["weight"][e] += weights.sum()
-        peak = batch.outputs.abs().amax().double()
-        acc["max_activation"][e] = torch.maximum(acc["max_activation"][e], peak)
+        self._batch[:, batch.expert] = torch.stack(
+            [
+                # a fill kernel, not a host-to-device copy
+                torch.full((), norms.numel(), dtype=torch.float64, device=norms.device),
+                (weights * norms).sum(),
+                norms.sum(),
+                weights.sum(),
+                batch.outputs.abs().amax().double(),
+            ]
+        )
+
+    def end_batch(self) -> None:
+        acc = self.tensors
+        for row, key in enumerate(self._SUMS):
+            acc[key] += self._batch[row]
+        torch.maximum(acc["max_activation"], self._batch[4], out=acc["max_activation"])
+        self._batch.zero_()
 
 
 class MeanExpertOutput(Statistic):

@@ -1,0 +1,25 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup test quality style demo bench
+
+setup:  ## create .venv (CPU torch on machines without a GPU) and install the package
+	bash scripts/setup.sh
+
+test:  ## run the test suite (CPU, tiny random models, no downloads)
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+quality:  ## lint and format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+style:  ## apply formatting and autofixes
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+demo:  ## compress the embedded default model (REAP 25% + GPTQ W4A16)
+	$(VENV)/bin/ream-compress demo --output demo-output
+
+bench:  ## speed and memory benchmarks; results go to benchmarks/results/
+	EXTRAS=bench bash scripts/setup.sh
+	$(PY) benchmarks/bench_calibration.py
