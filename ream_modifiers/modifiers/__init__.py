@@ -1,4 +1,5 @@
-# ruff: noqa
+from .aimer import AIMERModifier
 from .base import ExpertReductionModifier, LayerDecision
-from .aimer import *
-from .reap import *
+from .reap import REAPModifier
+
+__all__ = ["AIMERModifier", "ExpertReductionModifier", "LayerDecision", "REAPModifier"]

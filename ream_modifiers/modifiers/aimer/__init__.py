@@ -1,2 +1,3 @@
-# ruff: noqa
-from .base import *
+from .base import AIMERModifier
+
+__all__ = ["AIMERModifier"]

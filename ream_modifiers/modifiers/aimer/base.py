@@ -70,7 +70,7 @@ class AIMERModifier(ExpertReductionModifier):
         start = time.perf_counter()
         scores = aimer_score(layer.stacked_weights().matrices())
         seconds = time.perf_counter() - start
-        logger.debug(f"AIMER {layer.name}: scored in {seconds * 1e3:.1f} ms")
+        logger.info(f"AIMER {layer.name}: scored in {seconds * 1e3:.1f} ms")
         kept = select_kept(scores, self._budget, remove=self.remove)
         return LayerDecision(
             kept=kept,
