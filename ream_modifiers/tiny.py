@@ -43,18 +43,6 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         decoder_sparse_step=1,
         mlp_only_layers=[],
     ),
-    "qwen2_moe": dict(
-        _COMMON,
-        num_hidden_layers=2,
-        intermediate_size=256,
-        moe_intermediate_size=128,
-        shared_expert_intermediate_size=128,
-        num_experts=8,
-        num_experts_per_tok=2,
-        norm_topk_prob=False,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-    ),
     "mixtral": dict(
         _COMMON,
         num_hidden_layers=2,
@@ -86,6 +74,12 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         scoring_func="sigmoid",
     ),
 }
+
+
+# Qwen2-MoE: Qwen3-MoE's layout plus a gated shared expert, no renormalisation.
+TINY_CONFIGS["qwen2_moe"] = dict(
+    TINY_CONFIGS["qwen3_moe"], shared_expert_intermediate_size=128, norm_topk_prob=False
+)
 
 
 def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:

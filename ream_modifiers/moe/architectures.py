@@ -121,14 +121,6 @@ _ROWS = [
         quantization_ignore=_QWEN_IGNORE,
     ),
     MoEArchSpec(
-        model_type="qwen3_next",
-        num_experts_keys=("num_experts",),
-        renormalize_key="norm_topk_prob",
-        shared_expert_attrs=("shared_expert",),
-        shared_expert_gate_attr="shared_expert_gate",
-        quantization_ignore=_QWEN_IGNORE,
-    ),
-    MoEArchSpec(
         model_type="mixtral",
         num_experts_keys=("num_local_experts",),
         quantization_ignore=_ignore("re:.*mlp.gate$", "re:.*block_sparse_moe.gate$"),
@@ -167,9 +159,15 @@ _ROWS = [
 ]
 
 ARCHITECTURES: dict[str, MoEArchSpec] = {row.model_type: row for row in _ROWS}
-# Same layout and routing as DeepSeek-V3 under another name.
-for _alias in ("glm4_moe", "dots1", "kimi_k2"):
-    ARCHITECTURES[_alias] = replace(ARCHITECTURES["deepseek_v3"], model_type=_alias)
+# Same layout and routing as an existing row under another name.
+_ALIASES = {
+    "qwen3_next": "qwen2_moe",
+    "glm4_moe": "deepseek_v3",
+    "dots1": "deepseek_v3",
+    "kimi_k2": "deepseek_v3",
+}
+for _alias, _row in _ALIASES.items():
+    ARCHITECTURES[_alias] = replace(ARCHITECTURES[_row], model_type=_alias)
 
 
 def text_config(config: PretrainedConfig) -> PretrainedConfig:

@@ -113,3 +113,30 @@ aimer_stage:
     assert torch.equal(
         model.model.layers[1].mlp.gate.e_score_correction_bias, bias[kept]
     )
+
+
+def test_shared_expert_gate_stays_unquantized(load_tiny, calibration, tmp_path):
+    """qwen2_moe's shared_expert_gate is an nn.Linear GPTQ would otherwise take."""
+    model, tokenizer, _ = load_tiny("qwen2_moe")
+    gate = model.model.layers[0].mlp.shared_expert_gate.weight.clone()
+    oneshot(
+        model=model,
+        dataset=calibration("qwen2_moe"),
+        recipe=str(RECIPES / "reap_w4a16.yaml"),
+        processor=tokenizer,
+        num_calibration_samples=NUM_SAMPLES,
+        max_seq_length=SEQ_LEN,
+    )
+    out = tmp_path / "out"
+    model.save_pretrained(out)
+    names = _tensor_names(out)
+    quant = json.loads((out / "config.json").read_text())["quantization_config"]
+    for layer in ("model.layers.0", "model.layers.1"):
+        assert f"{layer}.mlp.shared_expert_gate" in quant["ignore"]
+        assert f"{layer}.mlp.shared_expert_gate.weight" in names
+        assert f"{layer}.mlp.shared_expert.down_proj.weight_packed" in names
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    # the shared-expert gate is saved exactly as it was
+    torch.testing.assert_close(
+        reloaded.model.layers[0].mlp.shared_expert_gate.weight, gate, rtol=0, atol=0
+    )

@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from ream_modifiers.moe import find_moe_layers
-from tests.conftest import MODEL_TYPES, sample_input_ids
+from tests.conftest import ROUTING_TYPES, sample_input_ids
 
 
-@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("model_type", ROUTING_TYPES)
 def test_route_reproduces_the_model_router(load_tiny, model_type):
     model, _, _ = load_tiny(model_type)
     layers = find_moe_layers(model)
