@@ -8,19 +8,39 @@ from llmcompressor.modifiers.factory import ModifierFactory
 
 from ream_modifiers.modifiers import (
     AIMERModifier,
+    EANPruningModifier,
+    ExpertMergingModifier,
     ExpertReductionModifier,
+    FrequencyPruningModifier,
+    HCSMoEModifier,
+    MSMoEModifier,
+    REAMModifier,
     REAPModifier,
 )
 from ream_modifiers.moe import find_moe_layers, load_moe_model
 
 __version__ = "0.1.0"
 
-MODIFIERS = (REAPModifier, AIMERModifier)
+MODIFIERS = (
+    REAPModifier,
+    AIMERModifier,
+    REAMModifier,
+    HCSMoEModifier,
+    MSMoEModifier,
+    FrequencyPruningModifier,
+    EANPruningModifier,
+)
 
 __all__ = [
     "MODIFIERS",
     "AIMERModifier",
+    "EANPruningModifier",
+    "ExpertMergingModifier",
     "ExpertReductionModifier",
+    "FrequencyPruningModifier",
+    "HCSMoEModifier",
+    "MSMoEModifier",
+    "REAMModifier",
     "REAPModifier",
     "find_moe_layers",
     "load_moe_model",

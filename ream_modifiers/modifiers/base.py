@@ -43,7 +43,8 @@ class LayerDecision:
 
     kept: list[int]
     scores: list[float] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # goes into the report
+    plan: Any = None  # what apply() needs beyond ``kept``; not reported
 
 
 class ExpertReductionModifier(Modifier):

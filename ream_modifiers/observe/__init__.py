@@ -6,7 +6,9 @@ from ream_modifiers.observe.collector import (
 )
 from ream_modifiers.observe.padding import padding_masks_from_dataloader
 from ream_modifiers.observe.statistics import (
+    ActivationSamples,
     MeanExpertOutput,
     RoutedExpertSums,
+    RouterLogitGram,
     Statistic,
 )

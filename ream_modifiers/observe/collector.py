@@ -10,6 +10,8 @@ during its propagation passes):
   factor are already applied exactly as the model applies them;
 - a forward hook on each expert reads its output, for the routed tokens (and for
   every token when ``moe_calibrate_all_experts`` is on);
+- a forward-pre hook on each expert's ``down_proj`` reads its intermediate
+  (neuron) activations, only when a statistic asks for them;
 - a forward hook on the experts list closes the batch.
 
 Statistics are pluggable :class:`Statistic` objects that only keep running sums or
@@ -47,17 +49,55 @@ class BatchRouting:
     # order (the order LinearExperts2D feeds its experts), and each expert's range
     order: torch.Tensor
     offsets: list[int]
+    layer: MoELayer
+    batch_index: int = 0
+    num_batches: int = 1
+    _logits: torch.Tensor | None = None
+    _probabilities: torch.Tensor | None = None
+    _valid_index: torch.Tensor | None = None
 
     @classmethod
-    def build(cls, hidden_states, top_k_index, top_k_weights, valid, num_experts):
+    def build(cls, hidden_states, top_k_index, top_k_weights, valid, layer, **kw):
         flat = top_k_index.T.reshape(-1)
         order = torch.argsort(flat, stable=True)
         # one host sync per batch (not per expert) to slice the ranges
-        counts = torch.bincount(flat, minlength=num_experts).tolist()
+        counts = torch.bincount(flat, minlength=layer.num_experts).tolist()
         offsets = [0]
         for count in counts:
             offsets.append(offsets[-1] + count)
-        return cls(hidden_states, top_k_index, top_k_weights, valid, order, offsets)
+        return cls(
+            hidden_states,
+            top_k_index,
+            top_k_weights,
+            valid,
+            order,
+            offsets,
+            layer,
+            **kw,
+        )
+
+    def valid_tokens(self) -> torch.Tensor:
+        """Positions of the real (non-padding) tokens."""
+        if self._valid_index is None:
+            tokens = self.hidden_states.shape[0]
+            if self.valid is None:
+                index = torch.arange(tokens, device=self.hidden_states.device)
+            else:
+                index = self.valid.nonzero().flatten()
+            self._valid_index = index
+        return self._valid_index
+
+    def logits(self) -> torch.Tensor:
+        """``[T, E]`` fp32 router logits, computed once per batch on demand."""
+        if self._logits is None:
+            self._logits = self.layer.router_logits(self.hidden_states)
+        return self._logits
+
+    def probabilities(self) -> torch.Tensor:
+        """``[T, E]`` routing probabilities before top-k (softmax or sigmoid)."""
+        if self._probabilities is None:
+            self._probabilities = self.layer.routing.scores(self.logits())
+        return self._probabilities
 
     def routed(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(slot, token)`` of the pairs routed to ``expert``, slot-major."""
@@ -97,6 +137,7 @@ class LayerStatsCollector:
         self.layer = layer
         self.statistics = list(statistics)
         self.padding_masks = list(padding_masks)
+        self.num_batches = max(len(self.padding_masks), 1)
         self.batches_seen = 0
         self.tokens_seen = 0
         self._routing: BatchRouting | None = None
@@ -113,8 +154,12 @@ class LayerStatsCollector:
         """Register this collector's hooks through ``register(module, fn, kind)``."""
         experts = self.layer.experts
         register(experts, self._on_experts_input, "forward_pre")
+        intermediate = any(s.needs_intermediate for s in self.statistics)
         for index, expert in enumerate(self.layer.expert_modules()):
             register(expert, partial(self._on_expert_output, index), "forward")
+            if intermediate:
+                hook = partial(self._on_expert_intermediate, index)
+                register(expert.down_proj, hook, "forward_pre")
         register(experts, self._on_experts_output, "forward")
 
     @torch.no_grad()
@@ -122,7 +167,13 @@ class LayerStatsCollector:
         hidden_states, top_k_index, top_k_weights = args[:3]
         valid = self._padding_mask(hidden_states.shape[0], hidden_states.device)
         self._routing = BatchRouting.build(
-            hidden_states, top_k_index, top_k_weights, valid, self.layer.num_experts
+            hidden_states,
+            top_k_index,
+            top_k_weights,
+            valid,
+            self.layer,
+            batch_index=self.batches_seen,
+            num_batches=self.num_batches,
         )
         for statistic in self.statistics:
             statistic.update_routing(self._routing)
@@ -151,6 +202,21 @@ class LayerStatsCollector:
         batch = ExpertBatch(expert, token_index, weights, output, all_outputs, routing)
         for statistic in self.statistics:
             statistic.update_expert(batch)
+
+    @torch.no_grad()
+    def _on_expert_intermediate(self, expert: int, module, args) -> None:
+        routing = self._routing
+        if routing is None:
+            return
+        if not get_calibrate_all_experts_flag():
+            raise RuntimeError(
+                f"{self.layer.name}: neuron activations must be sampled on the same "
+                "tokens for every expert; run oneshot with "
+                "moe_calibrate_all_experts=True"
+            )
+        for statistic in self.statistics:
+            if statistic.needs_intermediate:
+                statistic.update_intermediate(expert, args[0], routing)
 
     def _on_experts_output(self, module, args, output) -> None:
         routing = self._routing

@@ -16,7 +16,13 @@ from torch import distributed as dist
 if TYPE_CHECKING:
     from ream_modifiers.observe.collector import BatchRouting, ExpertBatch
 
-__all__ = ["Statistic", "RoutedExpertSums", "MeanExpertOutput"]
+__all__ = [
+    "Statistic",
+    "RoutedExpertSums",
+    "MeanExpertOutput",
+    "RouterLogitGram",
+    "ActivationSamples",
+]
 
 
 class Statistic:
@@ -30,6 +36,7 @@ class Statistic:
 
     name: str = ""
     needs_all_tokens: bool = False  # needs expert outputs on every token
+    needs_intermediate: bool = False  # needs neuron activations (down_proj input)
     reduce_ops: dict[str, str] = {}
 
     def __init__(self, num_experts: int):
@@ -55,6 +62,11 @@ class Statistic:
 
     def update_expert(self, batch: ExpertBatch) -> None:
         """Called once per expert per batch."""
+
+    def update_intermediate(
+        self, expert: int, activations: torch.Tensor, routing: BatchRouting
+    ) -> None:
+        """Called per expert per batch with its ``[T, D]`` neuron activations."""
 
     def end_batch(self) -> None:
         """Called once per batch, after every expert ran."""
@@ -142,11 +154,17 @@ class MeanExpertOutput(Statistic):
     """
     ``output_sum[j]``: sum over **all** valid tokens of f_j(x) (``[E, H]``, fp64) and
     ``tokens``: the number of those tokens; their ratio is the characteristic
-    activation of HC-SMoE. Needs ``moe_calibrate_all_experts=True``.
+    activation of HC-SMoE. With ``gated=True`` each output is first multiplied by
+    the routing probability p_j(x) (REAM's gated outputs). Needs
+    ``moe_calibrate_all_experts=True``.
     """
 
     name = "mean_output"
     needs_all_tokens = True
+
+    def __init__(self, num_experts: int, gated: bool = False):
+        super().__init__(num_experts)
+        self.gated = gated
 
     def _allocate(self, device, hidden_size):
         return {
@@ -163,9 +181,134 @@ class MeanExpertOutput(Statistic):
                 "oneshot with moe_calibrate_all_experts=True"
             )
         acc = self.tensors
-        acc["output_sum"][batch.expert] += batch.all_outputs.double().sum(dim=0)
-        acc["tokens"][batch.expert] += batch.all_outputs.shape[0]
+        outputs = batch.all_outputs.double()
+        if self.gated:
+            routing = batch.routing
+            gate = routing.probabilities()[routing.valid_tokens(), batch.expert]
+            outputs = outputs * gate.double().unsqueeze(-1)
+        acc["output_sum"][batch.expert] += outputs.sum(dim=0)
+        acc["tokens"][batch.expert] += outputs.shape[0]
 
     def mean(self) -> torch.Tensor:
         acc = self.tensors
         return acc["output_sum"] / acc["tokens"].clamp(min=1).unsqueeze(-1)
+
+
+class RouterLogitGram(Statistic):
+    """
+    ``gram``: sum over valid tokens of l(x) l(x)^T, the ``[E, E]`` fp64 Gram matrix
+    of the router logits, and ``tokens``. The cosine similarity of two experts'
+    logit columns over *every* calibration token follows exactly from it, so no
+    logit samples need to be kept (the reference keeps all T x E logits).
+    """
+
+    name = "logit_gram"
+
+    def _allocate(self, device, hidden_size):
+        return {
+            "gram": torch.zeros(
+                self.num_experts, self.num_experts, dtype=torch.float64, device=device
+            ),
+            "tokens": torch.zeros((), dtype=torch.float64, device=device),
+        }
+
+    def update_routing(self, routing: BatchRouting) -> None:
+        super().update_routing(routing)
+        logits = routing.logits()[routing.valid_tokens()].double()
+        acc = self.tensors
+        acc["gram"] += logits.T @ logits
+        acc["tokens"] += logits.shape[0]
+
+    def cosine(self) -> torch.Tensor:
+        """``[E, E]`` cosine similarity of the experts' logit columns."""
+        gram = self.tensors["gram"]
+        norms = gram.diagonal().clamp(min=1e-30).sqrt()
+        return gram / (norms.unsqueeze(0) * norms.unsqueeze(1))
+
+
+class ActivationSamples(Statistic):
+    """
+    ``samples``: neuron activations h_j(x) = act(W_gate x) * (W_up x) of every
+    expert on the **same** sampled tokens (``[E, capacity, D]``, in the
+    activations' dtype), and ``filled``, the number of tokens sampled so far.
+
+    Each batch contributes up to ``ceil(capacity / num_batches)`` valid tokens,
+    drawn with a generator seeded by ``(seed, batch index)``, so the sample is
+    deterministic and spread over the whole calibration set. Memory is
+    ``E * capacity * D * bytes`` whatever the number of calibration tokens.
+    """
+
+    name = "activations"
+    needs_all_tokens = True
+    needs_intermediate = True
+
+    def __init__(self, num_experts: int, intermediate_size: int, capacity: int, seed=0):
+        super().__init__(num_experts)
+        self.intermediate_size = intermediate_size
+        self.capacity = capacity
+        self.seed = seed
+        self.filled = 0
+        self._positions: torch.Tensor | None = None
+        self._start = 0
+
+    def _allocate(self, device, hidden_size):
+        raise AssertionError("allocated in update_routing, with the activation dtype")
+
+    def update_routing(self, routing: BatchRouting) -> None:
+        hidden = routing.hidden_states
+        if self._tensors is None:
+            self._tensors = {
+                "samples": torch.zeros(
+                    self.num_experts,
+                    self.capacity,
+                    self.intermediate_size,
+                    dtype=hidden.dtype,
+                    device=hidden.device,
+                )
+            }
+        valid = routing.valid_tokens()
+        quota = -(-self.capacity // max(routing.num_batches, 1))
+        take = min(quota, self.capacity - self.filled, valid.numel())
+        self._start = self.filled
+        if take <= 0:
+            self._positions = None
+            return
+        generator = torch.Generator().manual_seed(
+            self.seed * 1_000_003 + routing.batch_index
+        )
+        pick = torch.randperm(valid.numel(), generator=generator)[:take]
+        self._positions = valid[pick.to(valid.device)]
+        self.filled += take
+
+    def update_intermediate(self, expert, activations, routing) -> None:
+        if self._positions is None:
+            return
+        rows = activations[self._positions]
+        end = self._start + rows.shape[0]
+        self.tensors["samples"][expert, self._start : end] = rows.to(
+            self.tensors["samples"].dtype
+        )
+
+    def ensure_allocated(self, device, hidden_size) -> None:
+        if self._tensors is None:
+            self._tensors = {
+                "samples": torch.zeros(
+                    self.num_experts, 0, self.intermediate_size, device=device
+                )
+            }
+
+    def all_reduce(self, group=None) -> None:
+        """Concatenate every rank's samples (up to ``capacity``)."""
+        from torch import distributed as dist
+
+        mine = self.tensors["samples"][:, : self.filled].float().cpu()
+        gathered = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, mine, group=group)
+        joined = torch.cat(gathered, dim=1)[:, : self.capacity]
+        device = self.tensors["samples"].device
+        self._tensors["samples"] = joined.to(device)
+        self.filled = joined.shape[1]
+
+    def result(self) -> torch.Tensor:
+        """``[E, filled, D]`` sampled activations."""
+        return self.tensors["samples"][:, : self.filled]

@@ -1,0 +1,13 @@
+from .base import (
+    EANPruningModifier,
+    FrequencyPruningModifier,
+    HCSMoEModifier,
+    MSMoEModifier,
+)
+
+__all__ = [
+    "EANPruningModifier",
+    "FrequencyPruningModifier",
+    "HCSMoEModifier",
+    "MSMoEModifier",
+]

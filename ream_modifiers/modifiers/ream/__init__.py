@@ -1,0 +1,3 @@
+from .base import ExpertMergingModifier, REAMModifier
+
+__all__ = ["ExpertMergingModifier", "REAMModifier"]

@@ -1,0 +1,341 @@
+"""
+REAM: Router-weighted Expert Activation Merging, and the merging engine shared
+with the HC-SMoE and M-SMoE baselines.
+
+Jha et al., "REAM: Merging Improves Pruning of Experts in LLMs", 2026.
+https://arxiv.org/abs/2604.04356
+"""
+
+from __future__ import annotations
+
+import time
+from typing import ClassVar, Literal
+
+import torch
+from llmcompressor.core import Event, State
+from llmcompressor.modeling.moe.context import get_calibrate_all_experts_flag
+from loguru import logger
+from pydantic import model_validator
+
+from ream_modifiers.methods.align import (
+    activation_descriptors,
+    match_neurons,
+    neuron_rows,
+    weight_descriptors,
+)
+from ream_modifiers.methods.grouping import (
+    Groups,
+    check_group_capacity,
+    dominant_assignment,
+    hierarchical_groups,
+    pseudo_group,
+    ream_distance,
+)
+from ream_modifiers.methods.merge import merge_coefficients, merge_group
+from ream_modifiers.methods.saliency import saliency
+from ream_modifiers.modifiers.base import ExpertReductionModifier, LayerDecision
+from ream_modifiers.moe.edit import keep_experts, write_expert
+from ream_modifiers.moe.layer import MoELayer
+from ream_modifiers.observe import (
+    ActivationSamples,
+    LayerStatsCollector,
+    MeanExpertOutput,
+    RoutedExpertSums,
+    RouterLogitGram,
+)
+
+__all__ = ["ExpertMergingModifier", "REAMModifier"]
+
+Grouping = Literal["ream", "hcsmoe", "mcsmoe"]
+Merge = Literal[
+    "aligned",
+    "weights",
+    "activations",
+    "weight_matching",
+    "weighted",
+    "average",
+    "none",
+]
+# which neuron descriptors each merge aligns with (empty: no alignment)
+_ALIGN_WITH = {
+    "aligned": ("activations", "weights"),
+    "activations": ("activations",),
+    "weights": ("weights",),
+    "weight_matching": ("raw",),
+}
+
+
+class ExpertMergingModifier(ExpertReductionModifier):
+    """
+    Shared engine of the merging methods: per MoE layer, choose ``k`` centroids,
+    group every other expert with one of them, align each member's neurons to its
+    centroid, and replace the centroid by the weighted average of its group. The
+    centroid keeps its router row and score-correction bias; the other experts and
+    their rows are removed. With a group-limited router (``n_group`` > 1) the same
+    number of centroids is chosen in every router group and groups never cross
+    router groups, so routing semantics hold.
+
+    Extra memory per layer, independent of the number of calibration tokens:
+    ``E*S*D*b`` for the activation samples (``S`` = ``max_activation_tokens``,
+    ``D`` the expert width, ``b`` bytes of the weights' dtype), ``8*E*(H+E+5)``
+    bytes of fp64 sums, one copy of the layer's expert weights while merging, and
+    ``8*(3H)^2`` bytes for the PCA covariance.
+
+    :param group_size: most experts per group (0: unbounded)
+    :param saliency: ``reap`` or ``frequency``, ranks centroids (REAM grouping)
+    :param grouping: ``ream`` (pseudo-pruning), ``hcsmoe`` (average linkage on mean
+        outputs) or ``mcsmoe`` (frequency-dominant experts, logit similarity)
+    :param merge: ``aligned`` (activations + PCA weight descriptors), ``weights``,
+        ``activations``, ``weight_matching`` (raw weights, M-SMoE), ``weighted``
+        (no alignment), ``average`` (plain mean, no alignment) or ``none`` (keep
+        the centroid only: saliency pruning)
+    :param merge_coefficients: ``saliency`` or ``frequency`` weights of the average
+    :param gated_similarity: compare mean outputs weighted by the routing
+        probability (REAM) instead of plain mean outputs (HC-SMoE)
+    :param logit_similarity: add router-logit similarity to the REAM distance
+    :param max_activation_tokens: neuron-activation samples kept per expert
+    :param pca_dim: dimension of the PCA weight descriptor
+    :param seed: seed of the activation-token sampling
+    """
+
+    requires_calibration_data: bool = True
+
+    group_size: int = 16
+    saliency: Literal["reap", "frequency"] = "reap"
+    grouping: Grouping = "ream"
+    merge: Merge = "aligned"
+    merge_coefficients: Literal["saliency", "frequency"] = "saliency"
+    gated_similarity: bool = True
+    logit_similarity: bool = True
+    max_activation_tokens: int = 4096
+    pca_dim: int = 64
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _validate_merging_fields(self):
+        if self.group_size < 0 or self.group_size == 1:
+            raise ValueError(
+                f"{type(self).__name__}: group_size must be 0 (unbounded) or >= 2, "
+                f"got {self.group_size}"
+            )
+        if self.max_activation_tokens < 1 or self.pca_dim < 1:
+            raise ValueError(
+                f"{type(self).__name__}: max_activation_tokens and pca_dim must be "
+                "positive"
+            )
+        return self
+
+    # -- statistics ------------------------------------------------------------
+
+    @property
+    def _uses_activations(self) -> bool:
+        return "activations" in _ALIGN_WITH.get(self.merge, ())
+
+    def statistics(self, layer: MoELayer) -> list:
+        stats = [
+            RoutedExpertSums(layer.num_experts),
+            MeanExpertOutput(layer.num_experts, gated=self.gated_similarity),
+        ]
+        if self.grouping == "mcsmoe" or (
+            self.grouping == "ream" and self.logit_similarity
+        ):
+            stats.append(RouterLogitGram(layer.num_experts))
+        if self._uses_activations:
+            width = layer.expert(0).down_proj.in_features
+            stats.append(
+                ActivationSamples(
+                    layer.num_experts, width, self.max_activation_tokens, self.seed
+                )
+            )
+        return stats
+
+    def validate_model(self, state: State, layers: list[MoELayer]) -> None:
+        if self.grouping == "ream":
+            groups = self._budget.n_group or 1
+            check_group_capacity(
+                self._budget.num_experts // groups,
+                self._budget.kept // groups,
+                self.group_size,
+            )
+        if layers[0].router_bias is not None and self.merge != "none":
+            logger.warning(
+                f"{self.method}: the router has a logit bias; merged experts keep "
+                "their centroid's bias entry"
+            )
+
+    def on_calibration_start(self, state: State, event: Event, **kwargs):
+        if not get_calibrate_all_experts_flag():
+            raise ValueError(
+                f"{self.method} needs every expert's output on every calibration "
+                "token (mean outputs, neuron activations): run oneshot with "
+                "moe_calibrate_all_experts=True (the default)"
+            )
+        super().on_calibration_start(state, event, **kwargs)
+
+    # -- decision --------------------------------------------------------------
+
+    def _partitions(self, layer: MoELayer) -> list[list[int]]:
+        size = layer.routing.group_size or layer.num_experts
+        return [list(range(lo, lo + size)) for lo in range(0, layer.num_experts, size)]
+
+    def _groups(self, layer: MoELayer, collector: LayerStatsCollector) -> Groups:
+        sums = collector["routed"].tensors
+        kept_per_partition = self._budget.kept // (self._budget.n_group or 1)
+        mean_outputs = collector["mean_output"].mean()
+        groups: Groups = {}
+        for members in self._partitions(layer):
+            if self.grouping == "hcsmoe":
+                found = hierarchical_groups(mean_outputs, kept_per_partition, members)
+            elif self.grouping == "mcsmoe":
+                similarity = collector["logit_gram"].cosine()
+                found = dominant_assignment(
+                    sums["count"], similarity, kept_per_partition, members
+                )
+            else:
+                logit_cosine = (
+                    collector["logit_gram"].cosine() if self.logit_similarity else None
+                )
+                distance = ream_distance(mean_outputs, logit_cosine)
+                found = pseudo_group(
+                    saliency(sums, self.saliency),
+                    distance,
+                    kept_per_partition,
+                    self.group_size,
+                    members,
+                )
+            groups.update(found)
+        return groups
+
+    def decide(
+        self, layer: MoELayer, collector: LayerStatsCollector | None
+    ) -> LayerDecision:
+        sums = collector["routed"].tensors
+        scores = saliency(sums, self.saliency)
+        groups = self._groups(layer, collector)
+        coefficient_scores = (
+            scores if self.merge_coefficients == "saliency" else sums["count"]
+        )
+        start = time.perf_counter()
+        plan = self._merge_plan(layer, collector, groups, coefficient_scores)
+        align_seconds = time.perf_counter() - start
+        merged = {str(c): m for c, m in sorted(groups.items()) if m}
+        if self.merge != "none":
+            logger.info(
+                f"{self.method} {layer.name}: {len(merged)} merged groups, sizes "
+                f"{sorted((len(m) + 1 for m in merged.values()), reverse=True)}, "
+                f"alignment {align_seconds:.2f}s"
+            )
+        return LayerDecision(
+            kept=sorted(groups),
+            scores=scores.cpu().tolist(),
+            extra={
+                "groups": merged,
+                "coefficients": {str(c): plan[c][1] for c in sorted(plan)},
+                "frequency": sums["count"].cpu().tolist(),
+                "alignment_seconds": round(align_seconds, 4),
+            },
+            plan=plan,
+        )
+
+    def _merge_plan(
+        self,
+        layer: MoELayer,
+        collector: LayerStatsCollector,
+        groups: Groups,
+        coefficient_scores: torch.Tensor,
+    ) -> dict[int, tuple[list[int], list[float], list | None]]:
+        """``{centroid: (group, coefficients, perms)}`` of every non-singleton group."""
+        to_merge = {c: m for c, m in groups.items() if m}
+        if self.merge == "none" or not to_merge:
+            return {}
+        descriptors = []
+        align_with = _ALIGN_WITH.get(self.merge, ())
+        involved = sorted({e for c, m in to_merge.items() for e in (c, *m)})
+        weights = layer.stacked_weights() if align_with else None
+        if "activations" in align_with:
+            samples = collector["activations"].result()
+            descriptors.append(activation_descriptors(samples, involved))
+        if "weights" in align_with:
+            descriptors.append(weight_descriptors(weights, involved, self.pca_dim))
+        if "raw" in align_with:
+            descriptors.append({e: neuron_rows(weights, e).float() for e in involved})
+        plan = {}
+        for centroid, members in sorted(to_merge.items()):
+            group = [centroid, *members]
+            if self.merge == "average":
+                coefficients = [1.0 / len(group)] * len(group)
+            else:
+                coefficients = merge_coefficients(coefficient_scores, group)
+            perms = None
+            if descriptors:
+                squared = self.merge == "weight_matching"
+                perms = [None, *match_neurons(centroid, members, descriptors, squared)]
+            plan[centroid] = (group, coefficients, perms)
+        return plan
+
+    # -- edit ------------------------------------------------------------------
+
+    def apply(self, layer: MoELayer, decision: LayerDecision) -> None:
+        if decision.plan:
+            weights = layer.stacked_weights()
+            for centroid, (group, coefficients, perms) in decision.plan.items():
+                write_expert(
+                    layer, centroid, **merge_group(weights, group, coefficients, perms)
+                )
+        keep_experts(layer, decision.kept)
+
+
+class REAMModifier(ExpertMergingModifier):
+    """
+    REAM merges, per MoE layer, groups of experts into one instead of removing
+    them. For a layer with N experts and k to keep:
+
+    1. saliency S_j = mean over routed tokens of g_j(x)*||f_j(x)||_2 (REAP); the k
+       most salient experts are the centroids;
+    2. distance D_ij = 1 - (sim_out + sim_gate)/2, sim_out = (1 + cos(mu_i, mu_j))/2
+       on gated mean outputs mu_j = mean_x p_j(x) f_j(x) over all tokens, and
+       sim_gate = 1 - d_ij/max d from the router-logit columns;
+    3. pseudo-pruning: centroids in descending saliency each absorb up to
+       ``group_size``-1 nearest unassigned experts;
+    4. each member's neurons are aligned to the centroid by Hungarian matching on
+       cdist(activations) + cdist(PCA weight descriptors);
+    5. the group becomes sum_i w_i P_i(theta_i), w_i = S_i / sum S, written into the
+       centroid, which keeps its router row and bias; the rest are removed.
+
+    Statistics come from llm-compressor's sequential pipeline, on hidden states
+    that already passed through the merged earlier layers.
+
+    Deliberate differences from the reference code (SamsungSAILMontreal/ream):
+
+    - neuron activations are sampled on the *same* tokens for every expert (the
+      reference draws different random tokens per expert, so its activation cost
+      compares neurons on different inputs);
+    - padding tokens are excluded from every statistic;
+    - means are exact over tokens, not means of per-chunk means;
+    - the REAP saliency uses the model's actual routing weights (the reference
+      multiplies the already-gated output by p again, i.e. p^2 ||f||, and uses a
+      softmax for sigmoid routers such as GLM's); ``saliency: frequency`` is the
+      paper's "no REAP" ablation;
+    - router-logit similarity comes from the exact Gram matrix of all tokens'
+      logits rather than stored logits; the PCA is exact rather than randomised;
+    - with group-limited routers, centroids and groups stay inside router groups.
+
+    Example recipe::
+
+        ream_stage:
+          ream_modifiers:
+            REAMModifier:
+              sparsity: 0.25
+              group_size: 16
+              max_activation_tokens: 4096
+            GPTQModifier:
+              targets: [Linear]
+              scheme: W4A16
+              ignore: [lm_head]
+
+    :param num_experts: experts to keep per layer (or give ``sparsity``)
+    :param sparsity: share of experts to remove per layer, in (0, 1)
+    """
+
+    method: ClassVar[str] = "REAM"
+    paper: ClassVar[str] = "https://arxiv.org/abs/2604.04356"

@@ -1,0 +1,200 @@
+import json
+
+import pytest
+import torch
+from llmcompressor import oneshot
+from llmcompressor.core import reset_session
+from pydantic import ValidationError
+
+from ream_modifiers import (
+    EANPruningModifier,
+    FrequencyPruningModifier,
+    HCSMoEModifier,
+    MSMoEModifier,
+    REAMModifier,
+    REAPModifier,
+)
+from ream_modifiers.methods.align import match_neurons, weight_descriptors
+from ream_modifiers.modifiers.base import LayerDecision
+from ream_modifiers.moe import find_moe_layers, write_expert
+from tests.conftest import NUM_SAMPLES, SEQ_LEN
+
+
+def _run(load_tiny, calibration, tmp_path, model_type, modifier):
+    reset_session()
+    model, tokenizer, _ = load_tiny(model_type)
+    oneshot(
+        model=model,
+        dataset=calibration(model_type),
+        recipe=[modifier],
+        processor=tokenizer,
+        num_calibration_samples=NUM_SAMPLES,
+        max_seq_length=SEQ_LEN,
+    )
+    return model, json.loads(
+        __import__("pathlib").Path(modifier.report_path).read_text()
+    )
+
+
+def test_merging_identical_experts_keeps_the_function(load_tiny):
+    model, _, _ = load_tiny("qwen3_moe")
+    layer = find_moe_layers(model)[0]
+    source = layer.expert(0)
+    perm = torch.randperm(128, generator=torch.Generator().manual_seed(0))
+    for copy, p in ((1, None), (2, perm)):  # expert 2: a neuron-shuffled copy
+        gate, up, down = (
+            source.gate_proj.weight,
+            source.up_proj.weight,
+            source.down_proj.weight,
+        )
+        if p is not None:
+            gate, up, down = gate[p], up[p], down[:, p]
+        write_expert(layer, copy, gate=gate, up=up, down=down)
+    hidden = torch.randn(256, 128)
+    with torch.no_grad():
+        before = layer.block(hidden.unsqueeze(0)).squeeze(0)
+        index, _ = layer.route(hidden)
+    weights = layer.stacked_weights()
+    perms = match_neurons(0, [1, 2], [weight_descriptors(weights, [0, 1, 2], dim=16)])
+    kept = [0, 3, 4, 5, 6, 7]
+    plan = {0: ([0, 1, 2], [0.5, 0.3, 0.2], [None, *perms])}
+    REAMModifier(num_experts=6).apply(layer, LayerDecision(kept=kept, plan=plan))
+    with torch.no_grad():
+        after = layer.block(hidden.unsqueeze(0)).squeeze(0)
+    untouched = ~((index == 1) | (index == 2)).any(-1)
+    assert untouched.sum() > 50
+    torch.testing.assert_close(
+        after[untouched], before[untouched], rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(
+        layer.expert(0).gate_proj.weight, source.gate_proj.weight
+    )
+
+
+def test_merge_none_keeps_the_same_experts_as_reap(load_tiny, calibration, tmp_path):
+    _, ream = _run(
+        load_tiny,
+        calibration,
+        tmp_path,
+        "qwen3_moe",
+        REAMModifier(
+            num_experts=5,
+            merge="none",
+            group_size=0,
+            report_path=str(tmp_path / "ream.json"),
+        ),
+    )
+    _, reap = _run(
+        load_tiny,
+        calibration,
+        tmp_path,
+        "qwen3_moe",
+        REAPModifier(num_experts=5, report_path=str(tmp_path / "reap.json")),
+    )
+    for name, entry in reap["layers"].items():
+        assert ream["layers"][name]["kept"] == entry["kept"]
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3"])
+def test_ream_report_groups_and_centroids(load_tiny, calibration, tmp_path, model_type):
+    model, report = _run(
+        load_tiny,
+        calibration,
+        tmp_path,
+        model_type,
+        REAMModifier(sparsity=0.5, group_size=4, report_path=str(tmp_path / "r.json")),
+    )
+    for entry in report["layers"].values():
+        scores = torch.tensor(entry["scores"])
+        size = 4 if model_type == "deepseek_v3" else 8  # router groups of 4
+        for lo in range(0, 8, size):
+            part = scores[lo : lo + size]
+            top = (part.argsort(descending=True)[: len(part) // 2] + lo).tolist()
+            assert sorted(e for e in entry["kept"] if lo <= e < lo + size) == sorted(
+                top
+            )
+        for centroid, members in entry["groups"].items():
+            assert len(members) <= 3
+            # groups never cross router groups
+            assert {int(centroid) // size} == {m // size for m in members}
+            assert sum(entry["coefficients"][centroid]) == pytest.approx(1.0)
+        assert entry["alignment_seconds"] >= 0
+    layer = find_moe_layers(model)[0]
+    assert layer.num_experts == 4
+
+
+@pytest.mark.parametrize(
+    "modifier",
+    [
+        HCSMoEModifier(sparsity=0.25),
+        MSMoEModifier(sparsity=0.25),
+        FrequencyPruningModifier(sparsity=0.25),
+        EANPruningModifier(sparsity=0.25),
+    ],
+)
+def test_baselines_run_from_named_modifiers(load_tiny, calibration, tmp_path, modifier):
+    modifier.report_path = str(tmp_path / "b.json")
+    model, report = _run(load_tiny, calibration, tmp_path, "qwen3_moe", modifier)
+    assert report["method"] == modifier.method
+    assert all(len(e["kept"]) == 6 for e in report["layers"].values())
+    if isinstance(modifier, (HCSMoEModifier, MSMoEModifier)):
+        assert any(e["groups"] for e in report["layers"].values())
+
+
+def test_frequency_modifier_is_reap_with_frequency_saliency(
+    load_tiny, calibration, tmp_path
+):
+    _, named = _run(
+        load_tiny,
+        calibration,
+        tmp_path,
+        "mixtral",
+        FrequencyPruningModifier(sparsity=0.5, report_path=str(tmp_path / "f.json")),
+    )
+    _, generic = _run(
+        load_tiny,
+        calibration,
+        tmp_path,
+        "mixtral",
+        REAPModifier(
+            sparsity=0.5, saliency="frequency", report_path=str(tmp_path / "g.json")
+        ),
+    )
+    assert named["layers"] == {
+        k: {**v, "seconds": named["layers"][k]["seconds"]}
+        for k, v in generic["layers"].items()
+    }
+
+
+def test_group_size_too_small_fails_before_calibration(
+    load_tiny, calibration, monkeypatch
+):
+    import ream_modifiers.modifiers.base as base
+
+    monkeypatch.setattr(
+        base.ExpertReductionModifier,
+        "on_calibration_start",
+        lambda *a, **k: pytest.fail("calibration started"),
+    )
+    model, tokenizer, _ = load_tiny("qwen3_moe")
+    with pytest.raises(ValueError, match="group_size >= 4"):
+        oneshot(
+            model=model,
+            dataset=calibration("qwen3_moe"),
+            processor=tokenizer,
+            recipe=[REAMModifier(num_experts=2, group_size=3)],
+        )
+    with pytest.raises(ValidationError, match="group_size must be 0"):
+        REAMModifier(sparsity=0.5, group_size=1)
+
+
+def test_merging_needs_all_expert_outputs(load_tiny, calibration):
+    model, tokenizer, _ = load_tiny("qwen3_moe")
+    with pytest.raises(ValueError, match="moe_calibrate_all_experts=True"):
+        oneshot(
+            model=model,
+            dataset=calibration("qwen3_moe"),
+            processor=tokenizer,
+            recipe=[REAMModifier(sparsity=0.25)],
+            moe_calibrate_all_experts=False,
+        )
