@@ -27,6 +27,7 @@ __all__ = ["main", "compress", "CompressionSummary"]
 
 REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SUMMARY_FILENAME = "compression_summary.json"
+CALIBRATION_FILENAME = "calibration.json"
 
 
 @dataclass
@@ -93,7 +94,7 @@ def _checkpoint_parameters(directory: Path) -> int:
 def compress(
     recipe: str,
     model: str,
-    dataset: str,
+    dataset: str | None,
     output: str,
     num_samples: int = 512,
     max_seq_len: int = 2048,
@@ -101,22 +102,34 @@ def compress(
     text_field: str = "text",
     overwrite: bool = False,
     calibrate_all_experts: bool = True,
+    mix: str | None = None,
+    mix_sources: dict[str, str] | None = None,
+    packing: bool = True,
+    chat_template: bool = False,
+    seed: int = 42,
 ) -> CompressionSummary:
     """
     Compress ``model`` with ``recipe`` into ``output``. The output directory is
     written under a temporary name and renamed when complete, so it is either
     complete or absent.
+
+    Calibration text comes from ``dataset`` (one source), or from a general / math
+    / code ``mix`` such as ``"general=0.2,math=0.3,code=0.5"`` (see
+    :func:`ream_modifiers.data.build_mix`), whose per-source counts are written to
+    ``calibration.json``.
     """
     from llmcompressor import oneshot
     from llmcompressor.recipe import Recipe
     from transformers import AutoTokenizer
 
     import ream_modifiers  # noqa: F401  (registers the modifiers)
-    from ream_modifiers.data import build_calibration_dataset
+    from ream_modifiers.data import build_calibration_dataset, build_mix
     from ream_modifiers.moe import find_moe_layers, load_moe_model
     from ream_modifiers.saving import REPORT_FILENAME
 
     recipe_path = resolve_recipe(recipe)
+    if (dataset is None) == (mix is None):
+        raise SystemExit("error: give exactly one of --dataset and --mix")
     output_dir = Path(output)
     if output_dir.exists() and not overwrite:
         raise SystemExit(f"error: {output_dir} exists; pass --overwrite to replace it")
@@ -132,12 +145,28 @@ def compress(
     experts_before = layers[0].num_experts
     parameters_before = sum(p.numel() for p in moe_model.parameters())
     bytes_before = _model_bytes(moe_model)
-    logger.info(
-        f"Building {num_samples} x {max_seq_len} calibration rows from {dataset}"
-    )
-    calibration = build_calibration_dataset(
-        dataset, tokenizer, num_samples, max_seq_len, text_field=text_field
-    )
+    logger.info(f"Building {num_samples} x {max_seq_len} calibration rows")
+    if mix is not None:
+        calibration, mix_report = build_mix(
+            tokenizer,
+            mix,
+            num_samples,
+            max_seq_len,
+            sources=mix_sources,
+            packing=packing,
+            chat_template=chat_template,
+            seed=seed,
+        )
+        calibration_info = mix_report.to_dict()
+    else:
+        calibration = build_calibration_dataset(
+            dataset, tokenizer, num_samples, max_seq_len, text_field=text_field
+        )
+        calibration_info = {
+            "source": dataset,
+            "rows": len(calibration),
+            "max_seq_length": max_seq_len,
+        }
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(
@@ -172,6 +201,9 @@ def compress(
         )
         (partial / SUMMARY_FILENAME).write_text(
             json.dumps(asdict(summary), indent=2) + "\n"
+        )
+        (partial / CALIBRATION_FILENAME).write_text(
+            json.dumps(calibration_info, indent=2) + "\n"
         )
         if output_dir.exists():
             shutil.rmtree(output_dir)
@@ -248,10 +280,34 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--dataset",
-        required=True,
         help="calibration text: 'bundled', a local .txt/.jsonl file or folder, "
         "c4 / ultrachat / numinamath / the-stack-smol, or a Hugging Face dataset ID",
     )
+    run.add_argument(
+        "--mix",
+        help="general/math/code mix instead of --dataset, e.g. "
+        "general=0.2,math=0.3,code=0.5 (c4, NuminaMath-1.5, the-stack-smol)",
+    )
+    run.add_argument(
+        "--mix-source",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="replace a mix source by a local .txt/.jsonl file or folder, or "
+        "bundled:<domain> (repeatable)",
+    )
+    run.add_argument(
+        "--no-packing",
+        dest="packing",
+        action="store_false",
+        help="one document per row instead of packed rows",
+    )
+    run.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="wrap mix texts in the tokenizer's chat template",
+    )
+    run.add_argument("--seed", type=int, default=42, help="mix sampling seed")
     run.add_argument("--output", required=True, help="output directory")
     run.add_argument("--num-samples", type=int, default=512)
     run.add_argument("--max-seq-len", type=int, default=2048)
@@ -281,6 +337,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         demo(args.output, args.recipe)
         return 0
+    mix_sources = {}
+    for item in args.mix_source:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise SystemExit(f"error: --mix-source {item!r} is not NAME=PATH")
+        mix_sources[name] = path
     compress(
         args.recipe,
         args.model,
@@ -292,6 +354,11 @@ def main(argv: list[str] | None = None) -> int:
         text_field=args.text_field,
         overwrite=args.overwrite,
         calibrate_all_experts=args.calibrate_all_experts,
+        mix=args.mix,
+        mix_sources=mix_sources,
+        packing=args.packing,
+        chat_template=args.chat_template,
+        seed=args.seed,
     )
     return 0
 

@@ -98,3 +98,41 @@ def test_unknown_recipe_and_existing_output(tmp_path):
                 str(tmp_path),
             ]
         )
+
+
+def test_compress_with_a_calibration_mix(tiny_model_dir, tmp_path):
+    code_dir = tmp_path / "code"
+    code_dir.mkdir()
+    (code_dir / "a.txt").write_text("def f(x):\n    return x * 2\n\n" * 20)
+    out = tmp_path / "out"
+    main(
+        [
+            "compress",
+            "ream_w4a16",
+            "--model",
+            str(tiny_model_dir("qwen3_moe")),
+            "--mix",
+            "general=0.25,math=0.25,code=0.5",
+            "--mix-source",
+            "general=bundled:general",
+            "--mix-source",
+            "math=bundled:math",
+            "--mix-source",
+            f"code={code_dir}",
+            "--num-samples",
+            "8",
+            "--max-seq-len",
+            "32",
+            "--output",
+            str(out),
+        ]
+    )
+    calibration = json.loads((out / "calibration.json").read_text())
+    assert calibration["rows"] == {"code": 4, "general": 2, "math": 2}
+    assert calibration["sources"]["code"] == str(code_dir)
+    report = json.loads((out / REPORT_FILENAME).read_text())
+    assert report[0]["method"] == "REAM"
+    with pytest.raises(SystemExit, match="exactly one of --dataset and --mix"):
+        main(
+            ["compress", "ream_w4a16", "--model", "m", "--output", str(tmp_path / "x")]
+        )

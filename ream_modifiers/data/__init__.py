@@ -6,3 +6,4 @@ from ream_modifiers.data.calibration import (
     read_local_texts,
     tokenize_texts,
 )
+from ream_modifiers.data.mix import SOURCES, MixReport, build_mix, parse_mix

@@ -21,6 +21,8 @@ __all__ = [
     "read_local_texts",
     "load_texts",
     "tokenize_texts",
+    "pack_rows",
+    "rows_dataset",
     "build_calibration_dataset",
 ]
 
@@ -154,22 +156,22 @@ def _hf_texts(source: str, num_samples: int, text_field: str) -> list[str]:
     return texts
 
 
-def tokenize_texts(
+def pack_rows(
     texts: Iterable[str],
     tokenizer: PreTrainedTokenizerBase,
-    num_samples: int,
-    max_seq_length: int,
-) -> Dataset:
+    num_rows: int,
+    length: int,
+) -> list[list[int]]:
     """
-    Pack the texts into ``num_samples`` rows of exactly ``max_seq_length`` tokens
-    (no padding), cycling through the texts if they run out.
+    Concatenate the texts (each followed by EOS) into ``num_rows`` rows of exactly
+    ``length`` tokens, cycling through the texts if they run out.
     """
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise ValueError("no calibration text to tokenize")
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids: list[int] = []
-    needed = num_samples * max_seq_length
+    needed = num_rows * length
     while len(ids) < needed:
         for text in texts:
             ids.extend(
@@ -177,12 +179,24 @@ def tokenize_texts(
             )
             if len(ids) >= needed:
                 break
-    rows = [
-        ids[i * max_seq_length : (i + 1) * max_seq_length] for i in range(num_samples)
-    ]
+    return [ids[i * length : (i + 1) * length] for i in range(num_rows)]
+
+
+def rows_dataset(rows: list[list[int]]) -> Dataset:
+    """The ``input_ids``/``attention_mask`` dataset ``oneshot`` consumes."""
     return Dataset.from_dict(
-        {"input_ids": rows, "attention_mask": [[1] * max_seq_length for _ in rows]}
+        {"input_ids": rows, "attention_mask": [[1] * len(row) for row in rows]}
     )
+
+
+def tokenize_texts(
+    texts: Iterable[str],
+    tokenizer: PreTrainedTokenizerBase,
+    num_samples: int,
+    max_seq_length: int,
+) -> Dataset:
+    """Pack the texts into ``num_samples`` full rows of ``max_seq_length`` tokens."""
+    return rows_dataset(pack_rows(texts, tokenizer, num_samples, max_seq_length))
 
 
 def build_calibration_dataset(
