@@ -23,3 +23,4 @@ demo:  ## compress the embedded default model (REAP 25% + GPTQ W4A16)
 bench:  ## speed and memory benchmarks; results go to benchmarks/results/
 	EXTRAS=bench bash scripts/setup.sh
 	$(PY) benchmarks/bench_calibration.py
+	$(PY) benchmarks/bench_merge.py
