@@ -13,118 +13,58 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-import torch
-from llmcompressor import oneshot
-from llmcompressor.core import reset_session
+from common import RESULTS, build, header, model_arguments, quiet, timed_oneshot
 from llmcompressor.modifiers.pruning.reap import REAPPruningModifier
-from loguru import logger
-from transformers import AutoTokenizer
 
-import ream_modifiers  # noqa: F401
 from ream_modifiers import AIMERModifier, REAPModifier
-from ream_modifiers.data import build_calibration_dataset
-from ream_modifiers.moe import load_moe_model
-from ream_modifiers.tiny import build_tiny_moe
-
-RESULTS = Path(__file__).parent / "results"
-
-
-def run(model_dir, dataset, tokenizer, modifier, args, all_experts: bool) -> float:
-    reset_session()
-    model = load_moe_model(model_dir, dtype=torch.float32)
-    start = time.perf_counter()
-    oneshot(
-        model=model,
-        dataset=dataset,
-        recipe=[modifier],
-        processor=tokenizer,
-        num_calibration_samples=args.samples,
-        max_seq_length=args.seq_len,
-        moe_calibrate_all_experts=all_experts,
-    )
-    return time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--experts", type=int, default=32)
-    parser.add_argument("--top-k", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--samples", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=128)
+    model_arguments(parser, experts=32)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    logger.remove()
-    logger.add(sys.stderr, level="WARNING")
-
+    quiet()
     with tempfile.TemporaryDirectory() as model_dir:
-        build_tiny_moe(
-            "qwen3_moe",
-            model_dir,
-            num_hidden_layers=args.layers,
-            num_experts=args.experts,
-            num_experts_per_tok=args.top_k,
-            hidden_size=args.hidden,
-            moe_intermediate_size=args.hidden,
-        )
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        dataset = build_calibration_dataset(
-            "bundled", tokenizer, args.samples, args.seq_len
-        )
+        tokenizer, dataset = build(Path(model_dir), args)
         rows = []
         for all_experts in (True, False):
-            best = {"upstream REAPPruningModifier": [], "ours REAPModifier": []}
+            upstream, ours = [], []
             for _ in range(args.repeats):
-                best["upstream REAPPruningModifier"].append(
-                    run(
-                        model_dir,
-                        dataset,
-                        tokenizer,
-                        REAPPruningModifier(sparsity=0.25),
-                        args,
-                        all_experts,
+                for times, modifier in (
+                    (upstream, REAPPruningModifier(sparsity=0.25)),
+                    (ours, REAPModifier(sparsity=0.25)),
+                ):
+                    times.append(
+                        timed_oneshot(
+                            model_dir,
+                            dataset,
+                            tokenizer,
+                            modifier,
+                            args,
+                            moe_calibrate_all_experts=all_experts,
+                        )
                     )
-                )
-                best["ours REAPModifier"].append(
-                    run(
-                        model_dir,
-                        dataset,
-                        tokenizer,
-                        REAPModifier(sparsity=0.25),
-                        args,
-                        all_experts,
-                    )
-                )
-            upstream = min(best["upstream REAPPruningModifier"])
-            ours = min(best["ours REAPModifier"])
             rows.append(
                 {
                     "moe_calibrate_all_experts": all_experts,
-                    "upstream_s": round(upstream, 3),
-                    "ours_s": round(ours, 3),
-                    "ours_over_upstream": round(ours / upstream, 3),
+                    "upstream_s": round(min(upstream), 3),
+                    "ours_s": round(min(ours), 3),
+                    "ours_over_upstream": round(min(ours) / min(upstream), 3),
                 }
             )
         aimer = min(
-            run(model_dir, dataset, tokenizer, AIMERModifier(sparsity=0.25), args, True)
+            timed_oneshot(
+                model_dir, dataset, tokenizer, AIMERModifier(sparsity=0.25), args
+            )
             for _ in range(args.repeats)
         )
     result = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, CPU",
-        "torch": torch.__version__,
-        "model": {
-            k: getattr(args, k) for k in ("layers", "experts", "top_k", "hidden")
-        },
-        "calibration": {"samples": args.samples, "seq_len": args.seq_len},
+        **header(args),
         "reap": rows,
         "aimer_oneshot_s": round(aimer, 3),
         "peak_rss_mib": round(

@@ -59,6 +59,17 @@ def calibration(tiny_model_dir):
     return build
 
 
+@pytest.fixture
+def no_calibration(monkeypatch):
+    """Fail the test if calibration starts: errors must come before it."""
+    from ream_modifiers.modifiers.base import ExpertReductionModifier
+
+    def forbidden(self, *args, **kwargs):
+        raise AssertionError("calibration started before the error")
+
+    monkeypatch.setattr(ExpertReductionModifier, "on_calibration_start", forbidden)
+
+
 @pytest.fixture(autouse=True)
 def fresh_session():
     reset_session()

@@ -1,0 +1,84 @@
+"""What the benchmarks share: a random Qwen3-MoE, bundled calibration rows, and
+one timed ``oneshot`` run per modifier."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from llmcompressor import oneshot
+from llmcompressor.core import reset_session
+from loguru import logger
+from transformers import AutoTokenizer
+
+import ream_modifiers  # noqa: F401
+from ream_modifiers.data import build_calibration_dataset
+from ream_modifiers.moe import load_moe_model
+from ream_modifiers.tiny import build_tiny_moe
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def model_arguments(parser: argparse.ArgumentParser, experts: int) -> None:
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--experts", type=int, default=experts)
+    parser.add_argument("--top-k", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=128)
+
+
+def quiet() -> None:
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+
+
+def build(model_dir: Path, args) -> tuple:
+    """Save the benchmark model to ``model_dir``; return (tokenizer, dataset)."""
+    build_tiny_moe(
+        "qwen3_moe",
+        model_dir,
+        num_hidden_layers=args.layers,
+        num_experts=args.experts,
+        num_experts_per_tok=args.top_k,
+        hidden_size=args.hidden,
+        moe_intermediate_size=args.hidden,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    dataset = build_calibration_dataset(
+        "bundled", tokenizer, args.samples, args.seq_len
+    )
+    return tokenizer, dataset
+
+
+def timed_oneshot(model_dir, dataset, tokenizer, modifier, args, **kwargs) -> float:
+    """Wall seconds of one ``oneshot`` of ``modifier`` on a fresh model load."""
+    reset_session()
+    model = load_moe_model(model_dir, dtype=torch.float32)
+    start = time.perf_counter()
+    oneshot(
+        model=model,
+        dataset=dataset,
+        recipe=[modifier],
+        processor=tokenizer,
+        num_calibration_samples=args.samples,
+        max_seq_length=args.seq_len,
+        **kwargs,
+    )
+    return time.perf_counter() - start
+
+
+def header(args) -> dict:
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, CPU",
+        "torch": torch.__version__,
+        "model": {
+            k: getattr(args, k) for k in ("layers", "experts", "top_k", "hidden")
+        },
+        "calibration": {"samples": args.samples, "seq_len": args.seq_len},
+    }
