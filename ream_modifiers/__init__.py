@@ -8,11 +8,13 @@ from llmcompressor.modifiers.factory import ModifierFactory
 
 from ream_modifiers.modifiers import (
     AIMERModifier,
+    DERNModifier,
     EANPruningModifier,
     ExpertMergingModifier,
     ExpertReductionModifier,
     FrequencyPruningModifier,
     HCSMoEModifier,
+    MoEITSModifier,
     MSMoEModifier,
     REAMModifier,
     REAPModifier,
@@ -29,17 +31,21 @@ MODIFIERS = (
     MSMoEModifier,
     FrequencyPruningModifier,
     EANPruningModifier,
+    DERNModifier,
+    MoEITSModifier,
 )
 
 __all__ = [
     "MODIFIERS",
     "AIMERModifier",
+    "DERNModifier",
     "EANPruningModifier",
     "ExpertMergingModifier",
     "ExpertReductionModifier",
     "FrequencyPruningModifier",
     "HCSMoEModifier",
     "MSMoEModifier",
+    "MoEITSModifier",
     "REAMModifier",
     "REAPModifier",
     "find_moe_layers",

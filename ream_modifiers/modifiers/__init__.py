@@ -6,11 +6,14 @@ from .baselines import (
     HCSMoEModifier,
     MSMoEModifier,
 )
+from .dern import DERNModifier
+from .moeits import MoEITSModifier
 from .ream import ExpertMergingModifier, REAMModifier
 from .reap import REAPModifier
 
 __all__ = [
     "AIMERModifier",
+    "DERNModifier",
     "EANPruningModifier",
     "ExpertMergingModifier",
     "ExpertReductionModifier",
@@ -18,6 +21,7 @@ __all__ = [
     "HCSMoEModifier",
     "LayerDecision",
     "MSMoEModifier",
+    "MoEITSModifier",
     "REAMModifier",
     "REAPModifier",
 ]

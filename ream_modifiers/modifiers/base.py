@@ -80,9 +80,19 @@ class ExpertReductionModifier(Modifier):
 
     # -- validation (runs when the recipe is parsed) ---------------------------
 
+    def uniform_budget(self) -> bool:
+        """Whether every layer keeps the same, configured number of experts."""
+        return True
+
     @model_validator(mode="after")
     def _validate_budget_fields(self):
-        if (self.num_experts is None) == (self.sparsity is None):
+        if not self.uniform_budget():
+            if self.num_experts is not None or self.sparsity is not None:
+                raise ValueError(
+                    f"{type(self).__name__}: with a per-layer adaptive budget, give "
+                    "neither num_experts nor sparsity"
+                )
+        elif (self.num_experts is None) == (self.sparsity is None):
             raise ValueError(
                 f"{type(self).__name__}: give exactly one of `num_experts` (experts "
                 f"to keep per layer) and `sparsity` (share to remove); got "
@@ -138,6 +148,31 @@ class ExpertReductionModifier(Modifier):
     def on_initialize(self, state: State, **kwargs) -> bool:
         model = state.model
         self._layers = find_moe_layers(model, self.ignore)
+        if self.uniform_budget():
+            self._plan_uniform_budget()
+        self.validate_model(state, self._layers)
+        if dist.is_available() and dist.is_initialized():
+            self._group = dist.new_group(backend="gloo")
+        self._report = {
+            "method": self.method,
+            "paper": self.paper,
+            "model_type": self._layers[0].spec.model_type,
+            "num_experts_before": self._layers[0].num_experts,
+            "num_experts_after": None if self._budget is None else self._budget.kept,
+            "settings": {
+                key: value
+                for key, value in self.model_dump(mode="json").items()
+                if key not in Modifier.model_fields
+            },
+            "layers": {},
+        }
+        install_save_hook(model)
+        ensure_hub_save_names(model)
+        if self.protect_routers:
+            self._protect_routers_from_quantization()
+        return True
+
+    def _plan_uniform_budget(self) -> None:
         routing = self._layers[0].routing
         try:
             self._budget = plan_budget(
@@ -151,9 +186,6 @@ class ExpertReductionModifier(Modifier):
             )
         except ValueError as error:
             raise ValueError(f"{type(self).__name__}: {error}") from None
-        self.validate_model(state, self._layers)
-        if dist.is_available() and dist.is_initialized():
-            self._group = dist.new_group(backend="gloo")
         budget = self._budget
         logger.info(
             f"{self.method}: {len(self._layers)} MoE layers, {budget.num_experts} "
@@ -161,24 +193,6 @@ class ExpertReductionModifier(Modifier):
             f"{budget.dropped / budget.num_experts:.0%})"
             + (f", {budget.kept_per_group} per group" if budget.n_group else "")
         )
-        self._report = {
-            "method": self.method,
-            "paper": self.paper,
-            "model_type": self._layers[0].spec.model_type,
-            "num_experts_before": budget.num_experts,
-            "num_experts_after": budget.kept,
-            "settings": {
-                key: value
-                for key, value in self.model_dump(mode="json").items()
-                if key not in Modifier.model_fields
-            },
-            "layers": {},
-        }
-        install_save_hook(model)
-        ensure_hub_save_names(model)
-        if self.protect_routers:
-            self._protect_routers_from_quantization()
-        return True
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         masks = (
@@ -218,12 +232,20 @@ class ExpertReductionModifier(Modifier):
     def on_finalize(self, state: State, **kwargs) -> bool:
         model = state.model
         spec = self._layers[0].spec
-        sync_config(model, spec, self._budget.kept)
-        record_for_save(
-            model,
-            config_values=expert_count_values(spec, self._budget.kept),
-            report=self._report,
+        counts = [layer.num_experts for layer in self._layers]
+        config_values = expert_count_values(spec, max(counts))
+        if len(set(counts)) > 1:
+            # no transformers or vLLM config can express this; keep it on record
+            config_values["num_experts_per_layer"] = counts
+            logger.warning(
+                f"{self.method}: layers now have different expert counts {counts}; "
+                "neither vLLM nor transformers can load such a checkpoint"
+            )
+        self._report["num_experts_after"] = (
+            counts[0] if len(set(counts)) == 1 else counts
         )
+        sync_config(model, spec, max(counts))
+        record_for_save(model, config_values=config_values, report=self._report)
         if self.report_path is not None and _is_source_rank():
             path = Path(self.report_path)
             path.parent.mkdir(parents=True, exist_ok=True)

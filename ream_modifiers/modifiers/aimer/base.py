@@ -1,8 +1,7 @@
 """
 AIMER: Absolute mean over root mean square IMportance for Expert Ranking.
 
-Liu et al., "AIMER: Calibration-Free Task-Agnostic MoE Pruning", 2026.
-https://arxiv.org/abs/2603.18492
+https://arxiv.org/abs/2603.18492 (reference code: github.com/ZongfangLiu/AIMER)
 """
 
 from __future__ import annotations

@@ -91,7 +91,8 @@ class FrequencyPruningModifier(REAPModifier):
 
 class EANPruningModifier(REAPModifier):
     """
-    EAN pruning (Jaiswal et al., 2025, "Finding Fantastic Experts in MoEs"):
+    EAN pruning (Jaiswal et al., 2025, "Finding Fantastic Experts in MoEs"), as
+    the REAP paper runs it:
     remove the experts with the smallest sum over routed tokens of ||f_j(x)||_2
     (``saliency: ean``, the paper's form; ``ean_mean`` averages per token).
 
@@ -103,5 +104,4 @@ class EANPruningModifier(REAPModifier):
     """
 
     method: ClassVar[str] = "EAN"
-    paper: ClassVar[str] = "https://arxiv.org/abs/2505.06839"
     saliency: Literal["ean", "ean_mean"] = "ean"

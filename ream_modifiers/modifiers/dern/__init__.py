@@ -1,0 +1,3 @@
+from .base import DERNModifier
+
+__all__ = ["DERNModifier"]

@@ -1,0 +1,3 @@
+from .base import MoEITSModifier
+
+__all__ = ["MoEITSModifier"]
