@@ -116,10 +116,11 @@ class DERNModifier(ExpertReductionModifier):
 
     def validate_model(self, state: State, layers: list[MoELayer]) -> None:
         expert = layers[0].expert(0)
+        family = layers[0].spec.model_type
         if getattr(expert.down_proj, "bias", None) is not None:
             raise MoEModelError(
-                f"DERN cannot recombine experts with biases ({layers[0].spec.model_type}"
-                "): a neuron's down bias is not part of any segment"
+                f"DERN cannot recombine experts with biases ({family}): a neuron's "
+                "down bias is not part of any segment"
             )
         if (
             "gate" in self.similarity_features
