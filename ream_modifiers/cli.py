@@ -265,10 +265,33 @@ def demo(
     return summary
 
 
+METHODS = {
+    "REAPModifier": "REAP: prune lowest router-weighted activation saliency",
+    "REAMModifier": "REAM: merge groups of experts after aligning neurons",
+    "DERNModifier": "DERN: drop experts, recombine their neurons into kept ones",
+    "AIMERModifier": "AIMER: data-free, prune by mean|w| / RMS(w)",
+    "MoEITSModifier": "MoEITS: data-free, prune redundant experts (weight NMI)",
+    "HCSMoEModifier": "HC-SMoE baseline: cluster mean outputs, average",
+    "MSMoEModifier": "M-SMoE baseline: frequency-dominant experts, weight matching",
+    "FrequencyPruningModifier": "frequency pruning baseline",
+    "EANPruningModifier": "EAN pruning baseline",
+}
+
+
+def _methods_help() -> str:
+    recipes = ", ".join(sorted(p.stem for p in REPO_RECIPES.glob("*.yaml")))
+    lines = ["methods (recipe modifier names):"]
+    lines += [f"  {name:26s}{text}" for name, text in METHODS.items()]
+    lines.append(f"recipes in recipes/: {recipes}")
+    return "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ream-compress",
         description="Prune or merge MoE experts, then quantize, with a recipe.",
+        epilog=_methods_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("compress", help="run a recipe on a model")

@@ -26,3 +26,10 @@ test_stage:
     again = Recipe.create_instance(recipe.yaml())
     assert [type(m) for m in again.modifiers] == [REAPModifier, AIMERModifier]
     assert yaml.safe_load(recipe.yaml())
+
+
+def test_cli_help_lists_every_modifier():
+    from ream_modifiers.cli import METHODS, _methods_help
+
+    assert set(METHODS) == {cls.__name__ for cls in ream_modifiers.MODIFIERS}
+    assert "moeits_w4a16" in _methods_help()

@@ -151,6 +151,25 @@ def spherical_kmeans(
     return centres
 
 
+def _initial_centres(points: torch.Tensor, hidden: int, count: int) -> torch.Tensor:
+    """
+    The ``count`` segments with the largest max|gate| (the first H entries; the up
+    row for non-gated experts). Exact duplicates (a copied neuron) are passed over
+    while distinct segments remain, so two centres never start on the same point.
+    """
+    lead = points[:, :hidden].abs().amax(dim=-1)
+    order = torch.argsort(lead, descending=True, stable=True)
+    _, inverse = torch.unique(points, dim=0, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), points.shape[0], device=points.device)
+    first = first.scatter_reduce(
+        0, inverse, torch.arange(len(inverse), device=points.device), "amin"
+    )
+    is_first = torch.zeros(points.shape[0], dtype=torch.bool, device=points.device)
+    is_first[first] = True
+    ranked = torch.cat([order[is_first[order]], order[~is_first[order]]])
+    return ranked[:count]
+
+
 @torch.no_grad()
 def recombine_expert(
     weights: ExpertWeights,
@@ -183,9 +202,7 @@ def recombine_expert(
     point_weights = torch.cat(
         [importance[target].expand(width), importance[sources]]
     ).clamp(min=1e-12)
-    # the first H entries are the gate row (the up row for non-gated experts)
-    lead = points[:, :hidden].abs().amax(dim=-1)
-    init = torch.argsort(lead, descending=True, stable=True)[:width]
+    init = _initial_centres(points, hidden, width)
     centres = spherical_kmeans(points, point_weights, init, iterations)
     parts = 3 if weights.gate is not None else 2
     split = centres.reshape(width, parts, hidden)

@@ -32,7 +32,14 @@ def _tensor_names(directory: Path) -> set[str]:
 
 
 @pytest.mark.parametrize(
-    "recipe", ["reap_w4a16.yaml", "aimer_w4a16.yaml", "ream_w4a16.yaml"]
+    "recipe",
+    [
+        "reap_w4a16.yaml",
+        "aimer_w4a16.yaml",
+        "ream_w4a16.yaml",
+        "dern_w4a16.yaml",
+        "moeits_w4a16.yaml",
+    ],
 )
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_recipe_end_to_end(load_tiny, calibration, tmp_path, model_type, recipe):
@@ -84,7 +91,7 @@ def test_recipe_end_to_end(load_tiny, calibration, tmp_path, model_type, recipe)
             assert layer.mlp.gate.weight.shape[0] == 6
 
     report = json.loads((out / REPORT_FILENAME).read_text())
-    assert report[0]["method"] in ("REAP", "AIMER", "REAM")
+    assert report[0]["method"] in ("REAP", "AIMER", "REAM", "DERN", "MoEITS")
     assert all(len(entry["kept"]) == 6 for entry in report[0]["layers"].values())
     recipe_yaml = (out / "recipe.yaml").read_text()
     reparsed = Recipe.create_instance(recipe_yaml)
