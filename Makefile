@@ -24,3 +24,4 @@ bench:  ## speed and memory benchmarks; results go to benchmarks/results/
 	EXTRAS=bench bash scripts/setup.sh
 	$(PY) benchmarks/bench_calibration.py
 	$(PY) benchmarks/bench_merge.py
+	$(PY) benchmarks/bench_data_free.py
