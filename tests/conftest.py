@@ -77,6 +77,27 @@ def fresh_session():
     reset_session()
 
 
+def run_modifier(model, tokenizer, dataset, modifier) -> dict | None:
+    """One ``oneshot`` of ``modifier`` on the tiny calibration shape; its report."""
+    import json
+    from pathlib import Path
+
+    from llmcompressor import oneshot
+
+    reset_session()
+    oneshot(
+        model=model,
+        dataset=dataset,
+        recipe=[modifier],
+        processor=tokenizer,
+        num_calibration_samples=NUM_SAMPLES,
+        max_seq_length=SEQ_LEN,
+    )
+    if modifier.report_path is None:
+        return None
+    return json.loads(Path(modifier.report_path).read_text())
+
+
 def sample_input_ids(batch: int = 2, length: int = 24, vocab: int = 512, seed: int = 1):
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, length), generator=generator)

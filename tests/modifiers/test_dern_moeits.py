@@ -1,36 +1,20 @@
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from llmcompressor import oneshot
-from llmcompressor.core import reset_session
 from pydantic import ValidationError
 from transformers import AutoModelForCausalLM
 
 from ream_modifiers import DERNModifier, MoEITSModifier, REAPModifier
 from ream_modifiers.moe import find_moe_layers, write_expert
-from tests.conftest import NUM_SAMPLES, SEQ_LEN, sample_input_ids
-
-
-def _run(model, tokenizer, dataset, modifier):
-    reset_session()
-    oneshot(
-        model=model,
-        dataset=dataset,
-        recipe=[modifier],
-        processor=tokenizer,
-        num_calibration_samples=NUM_SAMPLES,
-        max_seq_length=SEQ_LEN,
-    )
-    return json.loads(Path(modifier.report_path).read_text())
+from tests.conftest import run_modifier, sample_input_ids
 
 
 def test_dern_with_tau_one_equals_pruning_by_importance(
     load_tiny, calibration, tmp_path
 ):
     model, tokenizer, _ = load_tiny("qwen3_moe")
-    dern = _run(
+    dern = run_modifier(
         model,
         tokenizer,
         calibration("qwen3_moe"),
@@ -39,7 +23,7 @@ def test_dern_with_tau_one_equals_pruning_by_importance(
         ),
     )
     other, tokenizer, _ = load_tiny("qwen3_moe")
-    reap = _run(
+    reap = run_modifier(
         other,
         tokenizer,
         calibration("qwen3_moe"),
@@ -60,7 +44,7 @@ def test_dern_with_tau_one_equals_pruning_by_importance(
 def test_dern_moves_every_segment_with_tau_minus_one(load_tiny, calibration, tmp_path):
     model, tokenizer, _ = load_tiny("deepseek_v3")
     before = find_moe_layers(model)[0].router_weight.detach().clone()
-    report = _run(
+    report = run_modifier(
         model,
         tokenizer,
         calibration("deepseek_v3"),
@@ -100,7 +84,7 @@ def test_moeits_removes_a_duplicated_expert_first(load_tiny, tmp_path):
         up=source.up_proj.weight,
         down=source.down_proj.weight,
     )
-    report = _run(
+    report = run_modifier(
         model,
         tokenizer,
         None,
@@ -123,7 +107,7 @@ def test_moeits_adaptive_mode_warns_and_records_per_layer_counts(load_tiny, tmp_
             up=source.up_proj.weight,
             down=source.down_proj.weight,
         )
-    report = _run(
+    report = run_modifier(
         model,
         tokenizer,
         None,
@@ -171,7 +155,7 @@ def test_moeits_field_errors(kwargs, message):
 
 def test_reload_after_dern_with_transfers(load_tiny, calibration, tmp_path):
     model, tokenizer, _ = load_tiny("qwen3_moe")
-    _run(
+    run_modifier(
         model,
         tokenizer,
         calibration("qwen3_moe"),

@@ -1,9 +1,6 @@
-import json
-
 import pytest
 import torch
 from llmcompressor import oneshot
-from llmcompressor.core import reset_session
 from pydantic import ValidationError
 
 from ream_modifiers import (
@@ -17,23 +14,12 @@ from ream_modifiers import (
 from ream_modifiers.methods.align import match_neurons, weight_descriptors
 from ream_modifiers.modifiers.base import LayerDecision
 from ream_modifiers.moe import find_moe_layers, write_expert
-from tests.conftest import NUM_SAMPLES, SEQ_LEN
+from tests.conftest import run_modifier
 
 
 def _run(load_tiny, calibration, tmp_path, model_type, modifier):
-    reset_session()
     model, tokenizer, _ = load_tiny(model_type)
-    oneshot(
-        model=model,
-        dataset=calibration(model_type),
-        recipe=[modifier],
-        processor=tokenizer,
-        num_calibration_samples=NUM_SAMPLES,
-        max_seq_length=SEQ_LEN,
-    )
-    return model, json.loads(
-        __import__("pathlib").Path(modifier.report_path).read_text()
-    )
+    return model, run_modifier(model, tokenizer, calibration(model_type), modifier)
 
 
 def test_merging_identical_experts_keeps_the_function(load_tiny):
