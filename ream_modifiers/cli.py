@@ -25,7 +25,9 @@ from loguru import logger
 
 __all__ = ["main", "compress", "CompressionSummary"]
 
-REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_RECIPES = REPO_ROOT / "recipes"
+FIXTURE = REPO_ROOT / "benchmarks" / "fixture"
 SUMMARY_FILENAME = "compression_summary.json"
 CALIBRATION_FILENAME = "calibration.json"
 
@@ -228,40 +230,60 @@ def demo(
     output: str = "demo-output", recipe: str = "reap_w4a16", overwrite: bool = True
 ):
     """
-    The whole path on the embedded default: a small Qwen3-MoE built locally with
-    random weights (4 layers, 16 experts, top-4), the bundled calibration text,
-    and a recipe; then reload the checkpoint with transformers.
+    The whole path on the embedded default: the trained fixture MoE shipped in
+    ``benchmarks/fixture/model`` (Qwen3-MoE, 32 experts, top-4; a small random
+    Qwen3-MoE is built instead where the repository's benchmarks are absent),
+    the bundled calibration text and a recipe; then reload the checkpoint with
+    transformers and print held-out perplexity per domain before and after.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ream_modifiers.evaluation import perplexity, read_jsonl_texts
     from ream_modifiers.tiny import build_tiny_moe
 
-    with tempfile.TemporaryDirectory(prefix="ream-demo-model-") as model_dir:
-        build_tiny_moe(
-            "qwen3_moe",
-            model_dir,
-            num_hidden_layers=4,
-            num_experts=16,
-            num_experts_per_tok=4,
-            dtype=torch.bfloat16,
-        )
+    with tempfile.TemporaryDirectory(prefix="ream-demo-model-") as scratch:
+        model_dir = FIXTURE / "model"
+        if not (model_dir / "config.json").is_file():
+            logger.warning(f"{model_dir} not found; using a random Qwen3-MoE instead")
+            model_dir = build_tiny_moe(
+                "qwen3_moe",
+                scratch,
+                num_hidden_layers=4,
+                num_experts=16,
+                num_experts_per_tok=4,
+                dtype=torch.bfloat16,
+            )
+        heldout = {
+            path.name.removesuffix("_heldout.jsonl"): read_jsonl_texts(path)
+            for path in sorted((FIXTURE / "data").glob("*_heldout.jsonl"))
+        }
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+        def evaluate(path) -> dict[str, float]:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            return {d: perplexity(model, tokenizer, t) for d, t in heldout.items()}
+
+        before = evaluate(model_dir)
         summary = compress(
             recipe,
-            model_dir,
+            str(model_dir),
             "bundled",
             output,
             num_samples=64,
             max_seq_len=128,
             overwrite=overwrite,
         )
-    reloaded = AutoModelForCausalLM.from_pretrained(output)
-    with torch.no_grad():
-        logits = reloaded(torch.arange(16).unsqueeze(0)).logits
-    if not torch.isfinite(logits).all():
-        raise SystemExit(
-            "error: the reloaded demo checkpoint produced non-finite logits"
+        after = evaluate(output)
+    if heldout:
+        print("\nheld-out perplexity   before -> after")
+        for domain in heldout:
+            print(
+                f"  {domain:10s}         {before[domain]:8.2f} -> {after[domain]:8.2f}"
+            )
+        (Path(output) / "demo_perplexity.json").write_text(
+            json.dumps({"before": before, "after": after}, indent=2) + "\n"
         )
-    print(f"reloaded {output} with transformers: logits {tuple(logits.shape)}, finite")
+    print(f"reloaded {output} with transformers")
     return summary
 
 
