@@ -10,6 +10,7 @@ size, so GPTQ runs on them unchanged.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +83,13 @@ TINY_CONFIGS["qwen2_moe"] = dict(
 )
 
 
-def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on the bundled corpus (deterministic)."""
+def build_tokenizer(
+    vocab_size: int = 512, texts: Iterable[str] | None = None
+) -> PreTrainedTokenizerFast:
+    """
+    A byte-level BPE tokenizer trained (deterministically) on ``texts``, by default
+    the bundled corpus.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -95,7 +101,8 @@ def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(bundled_texts("mix"), trainer=trainer)
+    corpus = bundled_texts("mix") if texts is None else texts
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         eos_token="<|endoftext|>",

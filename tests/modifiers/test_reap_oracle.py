@@ -1,14 +1,10 @@
 """REAPModifier keeps exactly what llm-compressor's REAPPruningModifier keeps."""
 
-import json
-
 import pytest
-from llmcompressor import oneshot
-from llmcompressor.core import reset_session
 from llmcompressor.modifiers.pruning.reap import REAPPruningModifier
 
 from ream_modifiers import REAPModifier
-from tests.conftest import NUM_SAMPLES, SEQ_LEN
+from tests.conftest import run_modifier
 
 
 @pytest.mark.parametrize(
@@ -17,32 +13,14 @@ from tests.conftest import NUM_SAMPLES, SEQ_LEN
 )
 def test_reap_matches_upstream(load_tiny, calibration, tmp_path, model_type, sparsity):
     dataset = calibration(model_type)
-    kept = {}
-    for name, modifier in (
-        (
-            "upstream",
-            REAPPruningModifier(
-                sparsity=sparsity, report_path=str(tmp_path / "up.json")
-            ),
-        ),
-        (
-            "ours",
-            REAPModifier(sparsity=sparsity, report_path=str(tmp_path / "ours.json")),
-        ),
+    reports = []
+    for modifier in (
+        REAPPruningModifier(sparsity=sparsity, report_path=str(tmp_path / "up.json")),
+        REAPModifier(sparsity=sparsity, report_path=str(tmp_path / "ours.json")),
     ):
-        reset_session()
         model, tokenizer, _ = load_tiny(model_type)
-        oneshot(
-            model=model,
-            dataset=dataset,
-            recipe=[modifier],
-            processor=tokenizer,
-            num_calibration_samples=NUM_SAMPLES,
-            max_seq_length=SEQ_LEN,
-        )
-        kept[name] = model
-    upstream = json.loads((tmp_path / "up.json").read_text())
-    ours = json.loads((tmp_path / "ours.json").read_text())["layers"]
+        reports.append(run_modifier(model, tokenizer, dataset, modifier))
+    upstream, ours = reports[0], reports[1]["layers"]
     assert set(upstream) == set(ours)
     for layer, retained in upstream.items():
         assert ours[layer]["kept"] == retained, layer
