@@ -20,8 +20,9 @@ style:  ## apply formatting and autofixes
 demo:  ## compress the embedded default model (REAP 25% + GPTQ W4A16)
 	$(VENV)/bin/ream-compress demo --output demo-output
 
-bench:  ## speed and memory benchmarks; results go to benchmarks/results/
+bench:  ## speed, memory and quality benchmarks; results go to benchmarks/results/
 	EXTRAS=bench bash scripts/setup.sh
 	$(PY) benchmarks/bench_calibration.py
 	$(PY) benchmarks/bench_merge.py
 	$(PY) benchmarks/bench_data_free.py
+	$(PY) benchmarks/quality.py
