@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from importlib import resources
 from pathlib import Path
 
@@ -139,19 +139,43 @@ def load_texts(source: str, num_samples: int, text_field: str = "text") -> list[
 
 
 def _hf_texts(source: str, num_samples: int, text_field: str) -> list[str]:
-    from datasets import load_dataset
-
     name, config, split, field = HF_DATASETS.get(
         source, (None, None, "train", text_field)
     )
     if name is None:
         name, _, config = source.partition(":")
         config = config or None
+    return stream_hub_texts(
+        name,
+        config,
+        split,
+        lambda record, number: _record_text(record, field, Path(name), number),
+        num_samples,
+    )
+
+
+def stream_hub_texts(
+    name: str,
+    config: str | None,
+    split: str,
+    extract: Callable[[dict, int], str | None],
+    needed: int,
+    min_chars: int = 0,
+) -> list[str]:
+    """
+    Stream a Hugging Face dataset until ``needed`` texts of at least ``min_chars``
+    characters are found; ``extract(record, line number)`` returns a record's
+    text, or None to skip it.
+    """
+    from datasets import load_dataset
+
+    texts: list[str] = []
     stream = load_dataset(name, config, split=split, streaming=True)
-    texts = []
     for number, record in enumerate(stream, start=1):
-        texts.append(_record_text(record, field, Path(name), number))
-        if len(texts) >= num_samples:
+        text = extract(record, number)
+        if text and len(text) >= min_chars:
+            texts.append(text)
+        if len(texts) >= needed:
             break
     return texts
 

@@ -20,10 +20,12 @@ from loguru import logger
 from transformers import PreTrainedTokenizerBase
 
 from ream_modifiers.data.calibration import (
+    HF_DATASETS,
     bundled_texts,
     pack_rows,
     read_local_texts,
     rows_dataset,
+    stream_hub_texts,
 )
 
 __all__ = ["MixSource", "MixReport", "SOURCES", "parse_mix", "build_mix"]
@@ -34,17 +36,14 @@ class MixSource:
     """
     A named calibration source and its preprocessing.
 
-    :param dataset: Hugging Face dataset ID
-    :param config: dataset config name
-    :param split: split to read
+    :param hub: key of :data:`ream_modifiers.data.calibration.HF_DATASETS` (the
+        dataset ID, config and split)
     :param text: function from a record to its text (None drops the record)
     :param min_chars: drop texts shorter than this (the reference keeps texts of
         at least 0.9 * 512 characters)
     """
 
-    dataset: str
-    config: str | None = None
-    split: str = "train"
+    hub: str
     text: Callable[[dict], str | None] = lambda r: r.get("text")
     min_chars: int = 461
 
@@ -60,9 +59,9 @@ def _numina(record: dict) -> str | None:
 
 
 SOURCES: dict[str, MixSource] = {
-    "general": MixSource("allenai/c4", "en", "validation"),
-    "math": MixSource("AI-MO/NuminaMath-1.5", text=_numina),
-    "code": MixSource("bigcode/the-stack-smol", text=lambda r: r.get("content")),
+    "general": MixSource("c4"),
+    "math": MixSource("numinamath", text=_numina),
+    "code": MixSource("the-stack-smol", text=lambda r: r.get("content")),
 }
 
 
@@ -126,17 +125,13 @@ def _texts(name: str, source: str | Path | None, needed: int) -> tuple[list[str]
             "give it a local path"
         )
     spec = SOURCES[name]
-    from datasets import load_dataset
+    dataset, config, split, _ = HF_DATASETS[spec.hub]
 
-    stream = load_dataset(spec.dataset, spec.config, split=spec.split, streaming=True)
-    texts = []
-    for record in stream:
-        text = spec.text(record)
-        if text and len(text) >= spec.min_chars:
-            texts.append(text)
-        if len(texts) >= needed:
-            break
-    return texts, spec.dataset
+    def extract(record: dict, number: int) -> str | None:
+        return spec.text(record)
+
+    texts = stream_hub_texts(dataset, config, split, extract, needed, spec.min_chars)
+    return texts, dataset
 
 
 def _rows(

@@ -107,3 +107,37 @@ def test_bundled_sources_work_offline(tokenizer):
         sources={n: f"bundled:{n}" for n in ("general", "math", "code")},
     )
     assert report.rows == {"code": 2, "general": 4, "math": 2} and len(dataset) == 8
+
+
+def test_hub_sources_stream_with_their_filters(tokenizer, monkeypatch):
+    import datasets
+
+    records = {
+        "AI-MO/NuminaMath-1.5": [
+            {"source": "amc", "problem": "p0", "solution": "x" * 600},
+            {"source": "cn_k12", "problem": "p1", "solution": "short"},
+            {"source": "olympiads", "problem": "p2", "solution": "y" * 600},
+        ]
+        * 4,
+        "allenai/c4": [{"text": "z" * 500}, {"text": "too short"}] * 4,
+    }
+    asked = []
+
+    def fake_load_dataset(name, config=None, split=None, streaming=False):
+        asked.append((name, config, split, streaming))
+        return iter(records[name])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    _, report = build_mix(
+        tokenizer, "general=0.5,math=0.5", num_samples=2, max_seq_length=16
+    )
+    assert report.sources == {"general": "allenai/c4", "math": "AI-MO/NuminaMath-1.5"}
+    assert ("allenai/c4", "en", "validation", True) in asked
+    # only cn_k12 / olympiads solutions longer than 461 characters are kept
+    from ream_modifiers.data.mix import _texts
+
+    texts, _ = _texts("math", None, needed=3)
+    assert texts == ["p2\n\n" + "y" * 600] * 3
+    from ream_modifiers.data import load_texts
+
+    assert load_texts("c4", 2) == ["z" * 500, "too short"]
