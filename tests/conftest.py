@@ -98,6 +98,18 @@ def run_modifier(model, tokenizer, dataset, modifier) -> dict | None:
     return json.loads(Path(modifier.report_path).read_text())
 
 
+def copy_expert(layer, source: int, target: int, perm=None) -> None:
+    """Make expert ``target`` a copy of ``source``, its neurons shuffled by ``perm``."""
+    from ream_modifiers.moe import write_expert
+
+    expert = layer.expert(source)
+    gate, up = expert.gate_proj.weight, expert.up_proj.weight
+    down = expert.down_proj.weight
+    if perm is not None:
+        gate, up, down = gate[perm], up[perm], down[:, perm]
+    write_expert(layer, target, gate=gate, up=up, down=down)
+
+
 def sample_input_ids(batch: int = 2, length: int = 24, vocab: int = 512, seed: int = 1):
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, length), generator=generator)

@@ -6,8 +6,8 @@ from pydantic import ValidationError
 from transformers import AutoModelForCausalLM
 
 from ream_modifiers import DERNModifier, MoEITSModifier, REAPModifier
-from ream_modifiers.moe import find_moe_layers, write_expert
-from tests.conftest import run_modifier, sample_input_ids
+from ream_modifiers.moe import find_moe_layers
+from tests.conftest import copy_expert, run_modifier, sample_input_ids
 
 
 def test_dern_with_tau_one_equals_pruning_by_importance(
@@ -76,14 +76,7 @@ def test_dern_moves_every_segment_with_tau_minus_one(load_tiny, calibration, tmp
 def test_moeits_removes_a_duplicated_expert_first(load_tiny, tmp_path):
     model, tokenizer, _ = load_tiny("mixtral")
     layer = find_moe_layers(model)[0]
-    source = layer.expert(2)
-    write_expert(
-        layer,
-        5,
-        gate=source.gate_proj.weight,
-        up=source.up_proj.weight,
-        down=source.down_proj.weight,
-    )
+    copy_expert(layer, 2, 5)
     report = run_modifier(
         model,
         tokenizer,
@@ -98,15 +91,8 @@ def test_moeits_removes_a_duplicated_expert_first(load_tiny, tmp_path):
 def test_moeits_adaptive_mode_warns_and_records_per_layer_counts(load_tiny, tmp_path):
     model, tokenizer, _ = load_tiny("qwen3_moe")
     layer = find_moe_layers(model)[0]
-    source = layer.expert(0)
     for copy in (3, 6):
-        write_expert(
-            layer,
-            copy,
-            gate=source.gate_proj.weight,
-            up=source.up_proj.weight,
-            down=source.down_proj.weight,
-        )
+        copy_expert(layer, 0, copy)
     report = run_modifier(
         model,
         tokenizer,

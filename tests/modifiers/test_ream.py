@@ -13,8 +13,8 @@ from ream_modifiers import (
 )
 from ream_modifiers.methods.align import match_neurons, weight_descriptors
 from ream_modifiers.modifiers.base import LayerDecision
-from ream_modifiers.moe import find_moe_layers, write_expert
-from tests.conftest import run_modifier
+from ream_modifiers.moe import find_moe_layers
+from tests.conftest import copy_expert, run_modifier
 
 
 def _run(load_tiny, calibration, tmp_path, model_type, modifier):
@@ -25,17 +25,10 @@ def _run(load_tiny, calibration, tmp_path, model_type, modifier):
 def test_merging_identical_experts_keeps_the_function(load_tiny):
     model, _, _ = load_tiny("qwen3_moe")
     layer = find_moe_layers(model)[0]
-    source = layer.expert(0)
+    original = layer.stacked_weights([0])
     perm = torch.randperm(128, generator=torch.Generator().manual_seed(0))
-    for copy, p in ((1, None), (2, perm)):  # expert 2: a neuron-shuffled copy
-        gate, up, down = (
-            source.gate_proj.weight,
-            source.up_proj.weight,
-            source.down_proj.weight,
-        )
-        if p is not None:
-            gate, up, down = gate[p], up[p], down[:, p]
-        write_expert(layer, copy, gate=gate, up=up, down=down)
+    copy_expert(layer, 0, 1)
+    copy_expert(layer, 0, 2, perm)  # a neuron-shuffled copy
     hidden = torch.randn(256, 128)
     with torch.no_grad():
         before = layer.block(hidden.unsqueeze(0)).squeeze(0)
@@ -52,9 +45,10 @@ def test_merging_identical_experts_keeps_the_function(load_tiny):
     torch.testing.assert_close(
         after[untouched], before[untouched], rtol=1e-5, atol=1e-5
     )
-    torch.testing.assert_close(
-        layer.expert(0).gate_proj.weight, source.gate_proj.weight
-    )
+    # the merged expert is the original expert 0 again (not just the same object)
+    merged = layer.stacked_weights([0])
+    for name in ("gate", "up", "down"):
+        torch.testing.assert_close(getattr(merged, name), getattr(original, name))
 
 
 def test_merge_none_keeps_the_same_experts_as_reap(load_tiny, calibration, tmp_path):
