@@ -32,6 +32,11 @@ class ExpertBudget:
     def kept_per_group(self) -> int | None:
         return None if self.n_group is None else self.kept // self.n_group
 
+    @property
+    def kept_per_router_group(self) -> int:
+        """Experts kept in each router group (all of them without groups)."""
+        return self.kept // (self.n_group or 1)
+
 
 def plan_budget(
     num_experts: int,

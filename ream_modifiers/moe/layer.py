@@ -79,6 +79,15 @@ class MoELayer:
     def num_experts(self) -> int:
         return int(self.experts.num_experts)
 
+    def router_groups(self) -> list[list[int]]:
+        """
+        The experts of each router group (group membership is positional), or all
+        experts as one group when routing is not group-limited. Merging or moving
+        weights across these groups would change routing semantics.
+        """
+        size = self.routing.group_size or self.num_experts
+        return [list(range(lo, lo + size)) for lo in range(0, self.num_experts, size)]
+
     def expert(self, index: int) -> ExpertMLP:
         return self.experts[index]
 

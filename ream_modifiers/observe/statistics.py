@@ -251,21 +251,14 @@ class ActivationSamples(Statistic):
         self._positions: torch.Tensor | None = None
         self._start = 0
 
-    def _allocate(self, device, hidden_size):
-        raise AssertionError("allocated in update_routing, with the activation dtype")
+    def _samples(self, tokens: int, dtype, device) -> dict[str, torch.Tensor]:
+        shape = (self.num_experts, tokens, self.intermediate_size)
+        return {"samples": torch.zeros(shape, dtype=dtype, device=device)}
 
     def update_routing(self, routing: BatchRouting) -> None:
         hidden = routing.hidden_states
-        if self._tensors is None:
-            self._tensors = {
-                "samples": torch.zeros(
-                    self.num_experts,
-                    self.capacity,
-                    self.intermediate_size,
-                    dtype=hidden.dtype,
-                    device=hidden.device,
-                )
-            }
+        if self._tensors is None:  # sized here, in the activations' dtype
+            self._tensors = self._samples(self.capacity, hidden.dtype, hidden.device)
         valid = routing.valid_tokens()
         quota = -(-self.capacity // max(routing.num_batches, 1))
         take = min(quota, self.capacity - self.filled, valid.numel())
@@ -290,12 +283,8 @@ class ActivationSamples(Statistic):
         )
 
     def ensure_allocated(self, device, hidden_size) -> None:
-        if self._tensors is None:
-            self._tensors = {
-                "samples": torch.zeros(
-                    self.num_experts, 0, self.intermediate_size, device=device
-                )
-            }
+        if self._tensors is None:  # a rank that saw no batch contributes nothing
+            self._tensors = self._samples(0, torch.float32, device)
 
     def all_reduce(self, group=None) -> None:
         """Concatenate every rank's samples (up to ``capacity``)."""

@@ -148,10 +148,8 @@ class DERNModifier(ExpertReductionModifier):
         dropped = [e for e in range(layer.num_experts) if e not in kept]
         start = time.perf_counter()
         weights = layer.stacked_weights()
-        size = layer.routing.group_size or layer.num_experts
         transfers: dict[int, list[tuple[int, int]]] = {}
-        for lo in range(0, layer.num_experts, size):  # never across router groups
-            part = range(lo, lo + size)
+        for part in layer.router_groups():  # segments never cross router groups
             transfers.update(
                 assign_segments(
                     weights,

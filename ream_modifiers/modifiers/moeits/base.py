@@ -128,11 +128,10 @@ class MoEITSModifier(ExpertReductionModifier):
             )
             extra["threshold"] = threshold
         else:
-            size = layer.routing.group_size or layer.num_experts
-            per_part = self._budget.kept // (self._budget.n_group or 1)
+            per_part = self._budget.kept_per_router_group
             kept = []
-            for lo in range(0, layer.num_experts, size):
-                kept += greedy_removal(matrix, range(lo, lo + size), keep=per_part)
+            for members in layer.router_groups():
+                kept += greedy_removal(matrix, members, keep=per_part)
         logger.info(
             f"MoEITS {layer.name}: NMI matrix of {layer.num_experts} experts in "
             f"{extra['nmi_seconds']:.2f}s"

@@ -151,10 +151,9 @@ class ExpertMergingModifier(ExpertReductionModifier):
 
     def validate_model(self, state: State, layers: list[MoELayer]) -> None:
         if self.grouping == "ream":
-            groups = self._budget.n_group or 1
             check_group_capacity(
-                self._budget.num_experts // groups,
-                self._budget.kept // groups,
+                len(layers[0].router_groups()[0]),
+                self._budget.kept_per_router_group,
                 self.group_size,
             )
         if layers[0].router_bias is not None and self.merge != "none":
@@ -174,16 +173,12 @@ class ExpertMergingModifier(ExpertReductionModifier):
 
     # -- decision --------------------------------------------------------------
 
-    def _partitions(self, layer: MoELayer) -> list[list[int]]:
-        size = layer.routing.group_size or layer.num_experts
-        return [list(range(lo, lo + size)) for lo in range(0, layer.num_experts, size)]
-
     def _groups(self, layer: MoELayer, collector: LayerStatsCollector) -> Groups:
         sums = collector["routed"].tensors
-        kept_per_partition = self._budget.kept // (self._budget.n_group or 1)
+        kept_per_partition = self._budget.kept_per_router_group
         mean_outputs = collector["mean_output"].mean()
         groups: Groups = {}
-        for members in self._partitions(layer):
+        for members in layer.router_groups():
             if self.grouping == "hcsmoe":
                 found = hierarchical_groups(mean_outputs, kept_per_partition, members)
             elif self.grouping == "mcsmoe":
