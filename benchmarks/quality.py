@@ -1,41 +1,48 @@
 """
 Quality of every method on the trained fixture, side by side, with identical
-calibration data (issue 5 §2, without quantization for now).
+calibration data, without and with W4A16 GPTQ (issue 5 §2).
 
-    .venv/bin/python benchmarks/quality.py [--ratios 0.25 0.5] [--methods REAP ...]
+    cd benchmarks && ../.venv/bin/python quality.py [--ratios 0.25 0.5]
+        [--methods REAP ...] [--no-quant] [--resume]
 
-Metrics, per domain of the fixture's held-out split:
-- ``ppl``: perplexity on 64 packed rows of 128 tokens;
-- ``mc``: choose the true 32-token continuation of a 64-token context (12 after
-  20 for math) among 4 (three spans of other held-out documents), by summed
-  log-likelihood;
-- ``gen``: greedy exact match, on the arithmetic answer (math) and on the next
-  line of held-out code (code).
+Every row is compressed from the fixture in fp32, saved with llm-compressor
+(compressed-tensors), reloaded with ``AutoModelForCausalLM`` (the checkpoint a
+user would serve) and scored by lm-eval on the ``mini_moe`` tasks in
+``benchmarks/tasks/`` (see ``tasks_eval.py``). Checkpoint size is counted as a
+bf16 checkpoint (floating tensors at 2 bytes, packed integers as stored), the
+fixture's own dtype. The W4A16 rows use the GPTQ stage of ``recipes/*_w4a16.yaml``
+after the method at its default settings, so plain and W4A16 rows differ only by
+quantization.
 
-Writes benchmarks/results/quality.json and prints a Markdown table.
+Writes ``results/quality.json`` after every row (``--resume`` skips rows already
+there), ``results/quality.png``, and prints the Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+import yaml
 from common import RESULTS, quiet
 from llmcompressor import oneshot
 from llmcompressor.core import reset_session
-from transformers import AutoTokenizer
+from llmcompressor.modifiers.quantization import GPTQModifier
+from safetensors import safe_open
+from tasks_eval import METRICS, evaluate, recovery
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ream_modifiers
 from ream_modifiers.data.calibration import pack_rows, rows_dataset
-from ream_modifiers.evaluation import perplexity, read_jsonl_texts
 from ream_modifiers.moe import load_moe_model
 
 FIXTURE = Path(__file__).parent / "fixture"
+RECIPES = Path(__file__).parents[1] / "recipes"
 sys.path.insert(0, str(FIXTURE))
 from corpus import build_corpus  # noqa: E402
 
@@ -50,172 +57,182 @@ METHODS = {
     "DERN": ream_modifiers.DERNModifier,
     "MoEITS": ream_modifiers.MoEITSModifier,
 }
+OUTPUT = RESULTS / "quality.json"
 
 
-# (context, continuation) tokens; arithmetic documents are short
-MC_WINDOW = {"math": (20, 12)}
+def gptq_stage(recipe: Path = RECIPES / "ream_w4a16.yaml") -> dict:
+    """The ``GPTQModifier`` arguments of a W4A16 recipe (the same in all of them)."""
+    stage = next(iter(yaml.safe_load(recipe.read_text()).values()))
+    modifiers = next(iter(stage.values()))
+    return modifiers["GPTQModifier"]
 
 
-def mc_items(tokenizer, texts, count, seed, context=64, continuation=32):
-    rng = random.Random(seed)
-    pieces = [
-        ids
-        for ids in (tokenizer(t)["input_ids"] for t in texts)
-        if len(ids) >= context + continuation
-    ]
-    items = []
-    for _ in range(count):
-        doc = rng.randrange(len(pieces))
-        ids = pieces[doc]
-        start = rng.randrange(len(ids) - context - continuation + 1)
-        others = rng.sample([i for i in range(len(pieces)) if i != doc], 3)
-        candidates = [ids[start + context : start + context + continuation]]
-        for other in others:
-            o = pieces[other]
-            s = rng.randrange(len(o) - continuation + 1)
-            candidates.append(o[s : s + continuation])
-        items.append((ids[start : start + context], candidates))
-    return items
+def calibration_rows(tokenizer, count: int, seq_len: int = 128) -> list:
+    """Equal thirds of the fixture's training split, packed (identical for all)."""
+    train = build_corpus()
+    rows = []
+    for domain in ("general", "code", "math"):
+        rows += pack_rows(train[domain]["train"], tokenizer, count // 3, seq_len)
+    return rows
 
 
-@torch.no_grad()
-def mc_accuracy(model, items) -> float:
-    correct = 0
-    for context, candidates in items:
-        batch = torch.tensor([context + c for c in candidates])
-        logits = model(input_ids=batch).logits.float().log_softmax(-1)
-        targets = batch[:, len(context) :]
-        scores = (
-            logits[:, len(context) - 1 : -1].gather(-1, targets[..., None]).sum((1, 2))
-        )
-        correct += int(scores.argmax()) == 0
-    return correct / len(items)
+def checkpoint_mib(directory: Path) -> float:
+    """Size as a bf16 checkpoint: floating tensors at 2 bytes, others as stored."""
+    total = 0
+    for file in directory.glob("*.safetensors"):
+        with safe_open(file, "pt") as handle:
+            for name in handle.keys():
+                tensor = handle.get_slice(name)
+                numel = 1
+                for size in tensor.get_shape():
+                    numel *= size
+                dtype = tensor.get_dtype()
+                width = 2 if dtype in ("F32", "F16", "BF16", "F64") else None
+                if width is None:
+                    width = handle.get_tensor(name).element_size()
+                total += numel * width
+    return round(total / 2**20, 2)
 
 
-@torch.no_grad()
-def greedy(model, tokenizer, prompt: str, max_new: int, stop: str) -> str:
-    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
-    out = model.generate(
-        ids,
-        max_new_tokens=max_new,
-        do_sample=False,
-        pad_token_id=tokenizer.eos_token_id,
+def score_checkpoint(directory: Path, tokenizer) -> dict:
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    return evaluate(model, tokenizer)
+
+
+def compress_and_score(recipe: list, calibration, tokenizer, count: int) -> dict:
+    """Compress the fixture with ``recipe``, save, reload and score the checkpoint."""
+    reset_session()
+    model = load_moe_model(FIXTURE / "model", dtype=torch.float32)
+    start = time.perf_counter()
+    oneshot(
+        model=model,
+        dataset=calibration,
+        processor=tokenizer,
+        recipe=recipe,
+        num_calibration_samples=count,
+        max_seq_length=128,
     )
-    text = tokenizer.decode(out[0, ids.shape[1] :])
-    return text.split(stop)[0]
+    seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as out:
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        del model
+        row = {"mib": checkpoint_mib(Path(out)), "seconds": round(seconds, 1)}
+        row.update(score_checkpoint(Path(out), tokenizer))
+    return row
 
 
-def gen_items(texts, domain, count, seed):
-    rng = random.Random(seed)
-    items = []
-    if domain == "math":
-        for text in rng.sample(texts, count):
-            question, answer = text.split("\nAnswer:")
-            final = answer.rsplit("The answer is", 1)[1].strip().rstrip(".")
-            prompt = question + "\nAnswer:" + answer.rsplit("The answer is", 1)[0]
-            items.append((prompt + "The answer is", " " + final))
-    else:
-        lines = [t.splitlines() for t in texts if len(t.splitlines()) > 8]
-        while len(items) < count:
-            doc = rng.choice(lines)
-            i = rng.randrange(4, len(doc))
-            if doc[i].strip():
-                items.append(("\n".join(doc[:i]) + "\n", doc[i]))
-    return items
+def method_recipe(name: str, ratio: float, quant: bool) -> list:
+    recipe = [METHODS[name](sparsity=ratio)]
+    if quant:
+        recipe.append(GPTQModifier(**gptq_stage()))
+    return recipe
 
 
-def gen_accuracy(model, tokenizer, items, domain) -> float:
-    stop = "." if domain == "math" else "\n"
-    hits = 0
-    for prompt, truth in items:
-        got = greedy(model, tokenizer, prompt, 12 if domain == "math" else 24, stop)
-        hits += got.strip() == truth.strip().rstrip(".")
-    return hits / len(items)
+def label(row: dict) -> str:
+    return f"{row['method']}|{row['ratio']}|{row['quant']}"
 
 
-def evaluate(model, tokenizer, heldout, tasks) -> dict:
-    model.eval()
-    result = {}
-    for domain, texts in heldout.items():
-        result[f"{domain}_ppl"] = round(perplexity(model, tokenizer, texts), 3)
-        result[f"{domain}_mc"] = round(mc_accuracy(model, tasks["mc"][domain]), 3)
-        if domain in tasks["gen"]:
-            score = gen_accuracy(model, tokenizer, tasks["gen"][domain], domain)
-            result[f"{domain}_gen"] = round(score, 3)
-    return result
+def markdown(rows: list[dict]) -> str:
+    keys = list(METRICS)
+    lines = [
+        "| method | removed | quant | "
+        + " | ".join(keys)
+        + " | recovery % | MiB | time (s) |",
+        "|---|---|---|" + "---|" * (len(keys) + 3),
+    ]
+    for row in rows:
+        values = " | ".join(f"{row[k]:g}" for k in keys)
+        lines.append(
+            f"| {row['method']} | {row['ratio']:.0%} | {row['quant']} | {values} | "
+            f"{row['recovery_mean']} | {row['mib']} | {row.get('seconds', '')} |"
+        )
+    return "\n".join(lines)
+
+
+def chart(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    variants = sorted(
+        {(r["ratio"], r["quant"]) for r in rows if r["method"] != "original"}
+    )
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(12, 8), sharex=True)
+    width = 0.8 / max(len(variants), 1)
+    for i, (ratio, quant) in enumerate(variants):
+        by_method = {
+            r["method"]: r for r in rows if (r["ratio"], r["quant"]) == (ratio, quant)
+        }
+        xs = [j + i * width for j, m in enumerate(methods) if m in by_method]
+        present = [m for m in methods if m in by_method]
+        text = f"{ratio:.0%} removed, {quant}"
+        top.bar(xs, [by_method[m]["recovery_mean"] for m in present], width, label=text)
+        bottom.bar(xs, [by_method[m]["mib"] for m in present], width, label=text)
+    original = next(r for r in rows if r["method"] == "original")
+    top.axhline(100, color="black", linewidth=0.8)
+    bottom.axhline(original["mib"], color="black", linewidth=0.8)
+    top.set_ylabel("mean recovery vs original (%)")
+    bottom.set_ylabel("checkpoint size (MiB, bf16)")
+    bottom.set_xticks([j + 0.4 - width / 2 for j in range(len(methods))], methods)
+    top.legend(fontsize=8, ncol=2)
+    top.set_title("Fixture (Qwen3-MoE, 32 experts, top-4): quality and size per method")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--items", type=int, default=100)
+    parser.add_argument("--no-quant", action="store_true")
+    parser.add_argument("--resume", action="store_true")
     parser.add_argument("--calibration-rows", type=int, default=64)
     args = parser.parse_args()
     quiet()
-    model_dir = FIXTURE / "model"
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    heldout = {
-        d: read_jsonl_texts(FIXTURE / "data" / f"{d}_heldout.jsonl")
-        for d in ("general", "code", "math")
-    }
-    tasks = {
-        "mc": {
-            d: mc_items(tokenizer, t, args.items, 1, *MC_WINDOW.get(d, (64, 32)))
-            for d, t in heldout.items()
-        },
-        "gen": {
-            d: gen_items(heldout[d], d, args.items // 2, seed=2)
-            for d in ("math", "code")
-        },
-    }
-    # identical calibration for every method: equal thirds of the training split
-    train = build_corpus()
-    per_domain = args.calibration_rows // 3
-    rows = []
-    for domain in ("general", "code", "math"):
-        rows += pack_rows(train[domain]["train"], tokenizer, per_domain, 128)
-    calibration = rows_dataset(rows)
+    tokenizer = AutoTokenizer.from_pretrained(FIXTURE / "model")
+    rows_ids = calibration_rows(tokenizer, args.calibration_rows)
+    calibration = rows_dataset(rows_ids)
+    done = {}
+    if args.resume and OUTPUT.is_file():
+        done = {label(r): r for r in json.loads(OUTPUT.read_text())["rows"]}
+    table = []
 
-    def load():
-        return load_moe_model(model_dir, dtype=torch.float32)
-
-    table = [
-        {
-            "method": "original",
-            "ratio": 0.0,
-            **evaluate(load(), tokenizer, heldout, tasks),
+    def record(row: dict) -> None:
+        original = table[0] if table else row
+        row["recovery"] = recovery(row, original)
+        values = row["recovery"].values()
+        row["recovery_mean"] = round(sum(values) / len(values), 1)
+        table.append(row)
+        print(json.dumps(row), flush=True)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        result = {
+            "date": time.strftime("%Y-%m-%d"),
+            "calibration": {"rows": len(rows_ids), "seq_len": 128},
+            "rows": table,
         }
-    ]
-    print(table[-1], flush=True)
-    for ratio in args.ratios:
-        for name in args.methods:
-            reset_session()
-            model = load()
-            start = time.perf_counter()
-            oneshot(
-                model=model,
-                dataset=calibration,
-                processor=tokenizer,
-                recipe=[METHODS[name](sparsity=ratio)],
-                num_calibration_samples=len(rows),
-                max_seq_length=128,
-            )
-            seconds = time.perf_counter() - start
-            row = {"method": name, "ratio": ratio, "seconds": round(seconds, 1)}
-            row.update(evaluate(model, tokenizer, heldout, tasks))
-            table.append(row)
-            print(row, flush=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    result = {"date": time.strftime("%Y-%m-%d"), "items": args.items, "rows": table}
-    (RESULTS / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
-    keys = [k for k in table[0] if k not in ("method", "ratio")]
-    print("\n| method | removed | " + " | ".join(keys) + " | time (s) |")
-    print("|---|---|" + "---|" * (len(keys) + 1))
-    for row in table:
-        values = " | ".join(str(row[k]) for k in keys)
-        seconds = row.get("seconds", "")
-        print(f"| {row['method']} | {row['ratio']:.0%} | {values} | {seconds} |")
+        OUTPUT.write_text(json.dumps(result, indent=2) + "\n")
+
+    base = {"method": "original", "ratio": 0.0, "quant": "bf16"}
+    if label(base) in done:
+        record(done[label(base)])
+    else:
+        scores = score_checkpoint(FIXTURE / "model", tokenizer)
+        record({**base, "mib": checkpoint_mib(FIXTURE / "model"), **scores})
+    for quant in ("bf16",) if args.no_quant else ("bf16", "W4A16"):
+        for ratio in args.ratios:
+            for name in args.methods:
+                key = {"method": name, "ratio": ratio, "quant": quant}
+                if label(key) in done:
+                    record(done[label(key)])
+                    continue
+                recipe = method_recipe(name, ratio, quant == "W4A16")
+                row = compress_and_score(recipe, calibration, tokenizer, len(rows_ids))
+                record({**key, **row})
+    chart(table, RESULTS / "quality.png")
+    print("\n" + markdown(table))
 
 
 if __name__ == "__main__":

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
-__all__ = ["aimer_score"]
+__all__ = ["aimer_score", "aimer_score_experts"]
+
+
+def _sums(weight: torch.Tensor, dim: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ|w| and Σw² in fp32 without materialising |w|, w² or an fp32 copy."""
+    l1 = torch.linalg.vector_norm(weight, 1, dim=dim, dtype=torch.float32)
+    l2 = torch.linalg.vector_norm(weight, 2, dim=dim, dtype=torch.float32)
+    return l1, l2.square()
+
+
+def _ratio(abs_sum: torch.Tensor, sq_sum: torch.Tensor, count: int) -> torch.Tensor:
+    mean_abs = abs_sum / count
+    rms = (sq_sum / count).sqrt()
+    return torch.where(rms > 0, mean_abs / rms.clamp(min=1e-30), torch.zeros_like(rms))
 
 
 def aimer_score(matrices: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -25,9 +38,38 @@ def aimer_score(matrices: Sequence[torch.Tensor]) -> torch.Tensor:
     count = 0
     for weight in matrices:
         flat = weight.reshape(experts, -1)
-        abs_sum += flat.abs().sum(dim=-1, dtype=torch.float32)
-        sq_sum += flat.float().square().sum(dim=-1)
+        l1, sq = _sums(flat, dim=-1)
+        abs_sum += l1
+        sq_sum += sq
         count += flat.shape[1]
-    mean_abs = abs_sum / count
-    rms = (sq_sum / count).sqrt()
-    return torch.where(rms > 0, mean_abs / rms.clamp(min=1e-30), torch.zeros_like(rms))
+    return _ratio(abs_sum, sq_sum, count)
+
+
+def aimer_score_experts(experts: Iterable[Iterable[torch.Tensor]]) -> torch.Tensor:
+    """
+    The same scores, streamed expert by expert from the model's own weight
+    tensors: nothing is stacked or copied, each weight is read once per norm
+    while it is still in cache, and results stay on the device until the end.
+
+    :param experts: per expert, its projection weights (any shapes)
+    :return: ``[E]`` fp32 scores
+    """
+    abs_sums, sq_sums, counts = [], [], []
+    for weights in experts:
+        abs_sum = sq_sum = None
+        count = 0
+        for weight in weights:
+            l1, sq = _sums(weight, dim=None)
+            abs_sum = l1 if abs_sum is None else abs_sum + l1
+            sq_sum = sq if sq_sum is None else sq_sum + sq
+            count += weight.numel()
+        if abs_sum is None:
+            raise ValueError("aimer_score_experts: an expert has no weights")
+        abs_sums.append(abs_sum)
+        sq_sums.append(sq_sum)
+        counts.append(count)
+    if not abs_sums:
+        raise ValueError("aimer_score_experts needs at least one expert")
+    if len(set(counts)) != 1:
+        raise ValueError(f"experts differ in size ({sorted(set(counts))} weights)")
+    return _ratio(torch.stack(abs_sums), torch.stack(sq_sums), counts[0])

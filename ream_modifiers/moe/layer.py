@@ -7,7 +7,7 @@ experts.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -94,6 +94,19 @@ class MoELayer:
     def expert_modules(self) -> list[ExpertMLP]:
         """The routed experts in routing order (the act_fn entry is skipped)."""
         return [self.experts[i] for i in range(self.num_experts)]
+
+    def iter_expert_weights(self, index: int) -> Iterator[torch.Tensor]:
+        """
+        Expert ``index``'s projection weights, one at a time, each on the layer's
+        execution device only while the caller holds it (offload-safe, no copy).
+        """
+        expert = self.expert(index)
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            linear = getattr(expert, proj, None)
+            if linear is None:
+                continue
+            with align_module_device(linear):
+                yield linear.weight
 
     @property
     def shared_experts(self) -> list[nn.Module]:

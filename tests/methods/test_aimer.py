@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ream_modifiers.methods.aimer import aimer_score
+from ream_modifiers.methods.aimer import aimer_score, aimer_score_experts
 
 
 def test_aimer_pools_all_projections_into_one_ratio():
@@ -32,3 +32,14 @@ def test_aimer_uses_fp32_for_bf16_weights():
         aimer_score([weights.bfloat16()]), aimer_score([weights.bfloat16().float()])
     )
     assert aimer_score([weights.bfloat16()]).dtype == torch.float32
+
+
+def test_streamed_scores_equal_stacked_scores():
+    gate, up, down = torch.randn(5, 8, 4), torch.randn(5, 8, 4), torch.randn(5, 4, 8)
+    streamed = aimer_score_experts([[gate[e], up[e], down[e]] for e in range(5)])
+    torch.testing.assert_close(streamed, aimer_score([gate, up, down]))
+
+
+def test_streamed_scores_refuse_experts_of_different_sizes():
+    with pytest.raises(ValueError, match="experts differ in size"):
+        aimer_score_experts([[torch.ones(2, 2)], [torch.ones(2, 3)]])

@@ -11,7 +11,7 @@ from typing import ClassVar, Literal
 
 from loguru import logger
 
-from ream_modifiers.methods.aimer import aimer_score
+from ream_modifiers.methods.aimer import aimer_score_experts
 from ream_modifiers.methods.selection import select_kept
 from ream_modifiers.modifiers.base import ExpertReductionModifier, LayerDecision
 from ream_modifiers.moe.layer import MoELayer
@@ -67,7 +67,8 @@ class AIMERModifier(ExpertReductionModifier):
         self, layer: MoELayer, collector: LayerStatsCollector | None
     ) -> LayerDecision:
         start = time.perf_counter()
-        scores = aimer_score(layer.stacked_weights().matrices())
+        experts = range(layer.num_experts)
+        scores = aimer_score_experts(layer.iter_expert_weights(i) for i in experts)
         seconds = time.perf_counter() - start
         logger.info(f"AIMER {layer.name}: scored in {seconds * 1e3:.1f} ms")
         kept = select_kept(scores, self._budget, remove=self.remove)

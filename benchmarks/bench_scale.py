@@ -1,0 +1,208 @@
+"""
+Scale benchmark (issue 5 §4): REAM at 50% then GPTQ W4A16, end to end with
+``oneshot``, on random Qwen3-MoE models of realistic expert width; the largest has
+more than 2 GB of weights. Every run is a fresh subprocess, so its peak RSS is
+its own.
+
+    .venv/bin/python benchmarks/bench_scale.py [--experts 32 64 128]
+        [--token-multipliers 1 2 4]
+
+Series: time and peak RSS / model bytes against the number of experts (at the
+base calibration size), and against calibration tokens (x1, x2, x4, at the
+largest expert count). Writes results/scale.json and results/scale.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import RESULTS, header, quiet
+
+HERE = Path(__file__).parent
+
+
+def child(args) -> None:
+    """One measured run; prints a JSON line."""
+    import torch
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from transformers import AutoTokenizer
+
+    from ream_modifiers import REAMModifier
+    from ream_modifiers.data import build_calibration_dataset
+    from ream_modifiers.moe import load_moe_model
+
+    quiet()
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    samples = args.samples * args.token_multiplier
+    dataset = build_calibration_dataset("bundled", tokenizer, samples, args.seq_len)
+    start = time.perf_counter()
+    model = load_moe_model(args.model_dir, dtype=torch.float32)
+    load_s = time.perf_counter() - start
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    recipe = [REAMModifier(sparsity=0.5)]
+    if not args.no_gptq:
+        recipe.append(
+            GPTQModifier(targets=["Linear"], scheme="W4A16", ignore=["lm_head"])
+        )
+    start = time.perf_counter()
+    oneshot(
+        model=model,
+        dataset=dataset,
+        processor=tokenizer,
+        recipe=recipe,
+        num_calibration_samples=samples,
+        max_seq_length=args.seq_len,
+    )
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "tokens": samples * args.seq_len,
+                "load_s": round(load_s, 1),
+                "oneshot_s": round(seconds, 1),
+                "model_bytes": model_bytes,
+                "peak_rss_bytes": peak,
+                "peak_rss_over_model": round(peak / model_bytes, 3),
+            }
+        ),
+        flush=True,
+    )
+
+
+def build_model(directory: Path, experts: int, args) -> None:
+    import torch
+
+    from ream_modifiers.tiny import build_tiny_moe
+
+    build_tiny_moe(
+        "qwen3_moe",
+        directory,
+        dtype=torch.float32,
+        num_hidden_layers=args.layers,
+        num_experts=experts,
+        num_experts_per_tok=args.top_k,
+        hidden_size=args.hidden,
+        moe_intermediate_size=args.width,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=args.hidden // 8,
+    )
+
+
+def run_child(model_dir: Path, multiplier: int, args, no_gptq=False) -> dict:
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--model-dir",
+        str(model_dir),
+        "--token-multiplier",
+        str(multiplier),
+        "--samples",
+        str(args.samples),
+        "--seq-len",
+        str(args.seq_len),
+    ] + (["--no-gptq"] if no_gptq else [])
+    out = subprocess.run(command, capture_output=True, text=True, cwd=HERE)
+    lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"child failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    by_experts = result["by_experts"]
+    xs = [r["experts"] for r in by_experts]
+    left.plot(xs, [r["oneshot_s"] for r in by_experts], "o-", label="time (s)")
+    left.set_xlabel("experts per layer")
+    left.set_ylabel("REAM 50% + GPTQ W4A16 oneshot (s)")
+    twin = left.twinx()
+    twin.plot(
+        xs, [r["peak_rss_over_model"] for r in by_experts], "s--", color="tab:red"
+    )
+    twin.set_ylabel("peak RSS / model bytes", color="tab:red")
+    left.set_title(f"time vs experts ({by_experts[0]['tokens']} calibration tokens)")
+    by_tokens = result["by_tokens"]
+    xs = [r["tokens"] for r in by_tokens]
+    right.plot(xs, [r["oneshot_s"] for r in by_tokens], "o-")
+    right.set_xlabel("calibration tokens")
+    right.set_ylabel("oneshot (s)")
+    right.set_title(f"time vs tokens ({by_tokens[0]['experts']} experts)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--child", action="store_true")
+    parser.add_argument("--model-dir")
+    parser.add_argument("--token-multiplier", type=int, default=1)
+    parser.add_argument("--no-gptq", action="store_true")
+    parser.add_argument("--experts", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--token-multipliers", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=128)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    result = {
+        **header(args),
+        "model": {
+            "layers": args.layers,
+            "hidden": args.hidden,
+            "expert_width": args.width,
+            "top_k": args.top_k,
+            "dtype": "float32",
+        },
+        "by_experts": [],
+        "by_tokens": [],
+    }
+    largest = max(args.experts)
+    with tempfile.TemporaryDirectory(dir=HERE.parent) as tmp:
+        for experts in sorted(args.experts):
+            model_dir = Path(tmp) / f"e{experts}"
+            build_model(model_dir, experts, args)
+            multipliers = args.token_multipliers if experts == largest else [1]
+            for multiplier in sorted(multipliers):
+                row = {"experts": experts, "token_multiplier": multiplier}
+                row.update(run_child(model_dir, multiplier, args))
+                print(json.dumps(row), flush=True)
+                if multiplier == 1:
+                    result["by_experts"].append(row)
+                if experts == largest:
+                    result["by_tokens"].append(row)
+            if experts == largest:
+                row = {"experts": experts, "token_multiplier": 1, "gptq": False}
+                row.update(run_child(model_dir, 1, args, no_gptq=True))
+                result["ream_only_largest"] = row
+                print(json.dumps(row), flush=True)
+            shutil.rmtree(model_dir)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "scale.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, RESULTS / "scale.png")
+
+
+if __name__ == "__main__":
+    main()
