@@ -22,7 +22,10 @@ demo:  ## compress the embedded default model (REAP 25% + GPTQ W4A16)
 
 bench:  ## speed, memory and quality benchmarks; results go to benchmarks/results/
 	EXTRAS=bench bash scripts/setup.sh
-	$(PY) benchmarks/bench_calibration.py
-	$(PY) benchmarks/bench_merge.py
-	$(PY) benchmarks/bench_data_free.py
-	$(PY) benchmarks/quality.py
+	cd benchmarks && ../$(PY) bench_calibration.py
+	cd benchmarks && ../$(PY) bench_merge.py
+	cd benchmarks && ../$(PY) bench_data_free.py
+	cd benchmarks && ../$(PY) bench_speed.py
+	cd benchmarks && ../$(PY) bench_scale.py
+	cd benchmarks && ../$(PY) quality.py
+	cd benchmarks && ../$(PY) pareto.py

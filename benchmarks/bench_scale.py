@@ -29,6 +29,13 @@ from common import RESULTS, header, quiet
 HERE = Path(__file__).parent
 
 
+def _current_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def child(args) -> None:
     """One measured run; prints a JSON line."""
     import torch
@@ -44,6 +51,7 @@ def child(args) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     samples = args.samples * args.token_multiplier
     dataset = build_calibration_dataset("bundled", tokenizer, samples, args.seq_len)
+    runtime_rss = _current_rss()  # interpreter, torch, llm-compressor, data
     start = time.perf_counter()
     model = load_moe_model(args.model_dir, dtype=torch.float32)
     load_s = time.perf_counter() - start
@@ -74,6 +82,10 @@ def child(args) -> None:
                 "model_bytes": model_bytes,
                 "peak_rss_bytes": peak,
                 "peak_rss_over_model": round(peak / model_bytes, 3),
+                "runtime_rss_bytes": runtime_rss,
+                "peak_above_runtime_over_model": round(
+                    (peak - runtime_rss) / model_bytes, 3
+                ),
             }
         ),
         flush=True,

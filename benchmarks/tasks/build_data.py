@@ -19,10 +19,10 @@ How the MC distractors are made, per domain:
   intermediate result carried through, a wrong final product, or two digits of
   the final answer swapped), so only correct arithmetic scores highest.
 
-GEN items: math gives the worked solution up to its final sentence and scores
-the number the model writes after ``The answer is``; code gives a file's
-preceding lines plus the next line without its last word (one that already
-occurs in those lines), and scores that word.
+GEN items: math gives the worked solution up to ``The answer is`` and scores the
+number the model writes; code gives a file's preceding lines plus the next line
+without its last word (one that already occurs in those lines), and scores that
+word.
 """
 
 from __future__ import annotations
@@ -140,14 +140,15 @@ def math_mc(texts: list[str], rng: random.Random) -> list[dict]:
 
 def math_gen(texts: list[str], rng: random.Random) -> list[dict]:
     """
-    The worked solution up to its last sentence; the model writes
-    `` The answer is N.``. The fixture cannot multiply (it scores 0 of 50 when
-    asked for the whole solution), so this item measures whether a compressed
-    model keeps the answer format and carries the computed number over.
+    The worked solution up to ``The answer is``; the model writes the number.
+    The fixture cannot multiply (0 of 50 when asked for the whole solution), and
+    asked for the final sentence a 25%-pruned model already fails every item on
+    the words "answer is" alone, so this item measures whether a compressed model
+    carries the computed number over, which degrades gradually with pruning.
     """
     items = []
     for a, op, b, k, first, final in rng.sample(math_items(texts), GEN_ITEMS):
-        steps = solution(a, op, b, k, first, final).rsplit(" The answer", 1)[0]
+        steps = solution(a, op, b, k, first, final).rsplit(f" {final}.", 1)[0]
         prompt = f"Question: what is ({a} {op} {b}) * {k}?\nAnswer:{steps}"
         items.append({"prompt": prompt, "target": str(final)})
     return items

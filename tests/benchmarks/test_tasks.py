@@ -99,7 +99,7 @@ def test_math_mc_distractors_are_wrong_and_the_gold_is_right():
 
 def test_gen_targets_complete_their_prompts():
     for record in _records("gen_math.jsonl"):
-        assert record["prompt"].endswith(f"= {record['target']}.")
+        assert record["prompt"].endswith(f"= {record['target']}. The answer is")
     for record in _records("gen_code.jsonl"):
         assert record["target"].strip() in record["prompt"]
         assert "\n" not in record["target"]
