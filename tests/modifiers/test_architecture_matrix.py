@@ -162,6 +162,12 @@ def _check_config(spec, config):
         assert config[key] == KEPT, key
     if spec.model_type == "qwen3_moe":
         assert config["num_experts"] == KEPT
+    if spec.model_type == "deepseek_v3":
+        # vLLM creates the correction bias only for noaux_tc, and defaults to
+        # softmax without scoring_func
+        assert config["topk_method"] == "noaux_tc"
+        assert config["scoring_func"] == "sigmoid"
+        assert config["n_group"] == 2
 
 
 def _reload(path: Path, family: str):
