@@ -21,6 +21,13 @@ from ream_modifiers.data.calibration import bundled_texts
 
 __all__ = ["TINY_CONFIGS", "build_tokenizer", "build_tiny_moe"]
 
+_RANDOMIZED_SUFFIXES = (
+    "e_score_correction_bias",
+    "experts.gate_up_proj_bias",
+    "experts.down_proj_bias",
+    "router.bias",
+)
+
 _COMMON = dict(
     vocab_size=512,
     hidden_size=128,
@@ -81,6 +88,95 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
 TINY_CONFIGS["qwen2_moe"] = dict(
     TINY_CONFIGS["qwen3_moe"], shared_expert_intermediate_size=128, norm_topk_prob=False
 )
+# Qwen3-Next: Qwen2-MoE's MoE block behind one linear-attention (Gated DeltaNet)
+# layer and one full-attention layer.
+TINY_CONFIGS["qwen3_next"] = dict(
+    TINY_CONFIGS["qwen2_moe"],
+    norm_topk_prob=True,
+    layer_types=["linear_attention", "full_attention"],
+    linear_conv_kernel_dim=4,
+    linear_key_head_dim=32,
+    linear_value_head_dim=32,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+)
+# OLMoE: softmax over all experts without renormalisation.
+TINY_CONFIGS["olmoe"] = dict(
+    _COMMON,
+    num_hidden_layers=2,
+    intermediate_size=128,
+    num_experts=8,
+    num_experts_per_tok=2,
+    norm_topk_prob=False,
+)
+# DeepSeek-V2: MLA, softmax with group-limited greedy selection (group max), no
+# renormalisation, a scaling factor and an ungated shared expert.
+TINY_CONFIGS["deepseek_v2"] = dict(
+    TINY_CONFIGS["deepseek_v3"],
+    topk_method="group_limited_greedy",
+    routed_scaling_factor=1.0,
+    norm_topk_prob=False,
+)
+for _key in ("scoring_func",):
+    TINY_CONFIGS["deepseek_v2"].pop(_key)
+# GLM-4.5: DeepSeek-V3's router (sigmoid + correction bias) with plain attention.
+TINY_CONFIGS["glm4_moe"] = dict(
+    _COMMON,
+    num_hidden_layers=3,
+    first_k_dense_replace=1,
+    intermediate_size=256,
+    moe_intermediate_size=128,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    n_group=1,
+    topk_group=1,
+    routed_scaling_factor=2.5,
+    norm_topk_prob=True,
+)
+# dots1: DeepSeek-V3's router with grouped experts and Qwen-style attention.
+TINY_CONFIGS["dots1"] = dict(
+    TINY_CONFIGS["glm4_moe"], n_group=2, topk_group=1, routed_scaling_factor=1.0
+)
+# ERNIE-4.5: softmax, selection bias in ``gate.moe_statics``, MoE from layer 1.
+TINY_CONFIGS["ernie4_5_moe"] = dict(
+    _COMMON,
+    num_hidden_layers=3,
+    intermediate_size=256,
+    moe_intermediate_size=128,
+    moe_num_experts=8,
+    moe_k=2,
+    moe_num_shared_experts=1,
+    moe_layer_start_index=1,
+    moe_layer_end_index=2,
+    moe_layer_interval=1,
+)
+# MiniMax-M2: sigmoid routing with a selection bias on the MoE block.
+TINY_CONFIGS["minimax_m2"] = dict(
+    _COMMON,
+    num_hidden_layers=2,
+    intermediate_size=128,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+)
+# Hunyuan-MoE: router is ``gate.wg`` (an nn.Linear), an always-on shared MLP.
+TINY_CONFIGS["hunyuan_v1_moe"] = dict(
+    _COMMON,
+    num_hidden_layers=2,
+    intermediate_size=128,
+    num_experts=8,
+    moe_topk=2,
+)
+# gpt-oss: transposed, interleaved gate/up with biases, router with a logit bias.
+TINY_CONFIGS["gpt_oss"] = dict(
+    _COMMON,
+    num_hidden_layers=2,
+    intermediate_size=128,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    sliding_window=16,
+    layer_types=["sliding_attention", "full_attention"],
+)
 
 
 def build_tokenizer(
@@ -137,9 +233,14 @@ def build_tiny_moe(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     with torch.no_grad():
-        for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.copy_(torch.randn_like(buffer) * 0.05)
+        # selection biases (buffers, or ERNIE's frozen parameter) and the expert
+        # and router biases start at zero; random values make pruning and merging
+        # tests notice a bias that does not follow its expert
+        tensors = dict(model.named_buffers())
+        tensors.update(model.named_parameters())
+        for name, tensor in tensors.items():
+            if name.endswith(_RANDOMIZED_SUFFIXES):
+                tensor.copy_(torch.randn_like(tensor) * 0.05)
     save_dir = Path(save_dir)
     model.save_pretrained(save_dir)
     build_tokenizer(config.vocab_size).save_pretrained(save_dir)

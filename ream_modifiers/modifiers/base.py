@@ -245,6 +245,9 @@ class ExpertReductionModifier(Modifier):
             counts[0] if len(set(counts)) == 1 else counts
         )
         sync_config(model, spec, max(counts))
+        # quantization schemes are attached by now: pick the save layout that
+        # fits them (gpt-oss: fused when unquantized, per expert when packed)
+        ensure_hub_save_names(model)
         record_for_save(model, config_values=config_values, report=self._report)
         if self.report_path is not None and _is_source_rank():
             path = Path(self.report_path)

@@ -41,7 +41,8 @@ class MoEArchSpec:
         all of them are rewritten after a structural change (the first one is the
         key the family's config class reads)
     :param top_k_key: config key of the number of experts per token
-    :param router_attr: attribute of the MoE block holding the router
+    :param router_attr: attribute path (dotted) from the MoE block to the module
+        holding the router ``weight`` (``gate``, Hunyuan's ``gate.wg``)
     :param experts_attr: attribute of the MoE block holding the routed experts
     :param scoring: ``softmax`` over all experts or independent ``sigmoid`` scores
     :param renormalize: whether the top-k weights are renormalised, when the family
@@ -50,10 +51,16 @@ class MoEArchSpec:
     :param n_group_key: config key of the number of expert groups, if routing is
         group-limited
     :param topk_group_key: config key of the number of groups each token may use
+    :param grouped_when: ``(config key, value)`` that must hold for group-limited
+        routing to apply (DeepSeek-V2 groups only with
+        ``topk_method: group_limited_greedy``)
     :param group_score: how a group is scored for group-limited selection
     :param scaling_factor_key: config key of the factor applied to routed weights
-    :param bias_attr: name of the selection-only score-correction bias
-    :param bias_location: whether that bias lives on the router or the block
+    :param bias_attr: attribute path (dotted) of the selection-only
+        score-correction bias, from its owner (ERNIE's
+        ``moe_statics.e_score_correction_bias``)
+    :param bias_location: whether that bias hangs off the router module (the
+        block's ``gate``, the parent of a dotted ``router_attr``) or the block
     :param shared_expert_attrs: block attributes holding shared experts (never
         touched by any method here)
     :param shared_expert_gate_attr: block attribute of the shared expert's gate
@@ -63,6 +70,12 @@ class MoEArchSpec:
         that map the hub's per-expert tensor names to the linearized module names,
         for families whose hub names differ and llm-compressor has no mapping
         (Mixtral's ``block_sparse_moe.experts.{i}.w1/w2/w3``)
+    :param hub_block_attr: name of the MoE block in hub checkpoints, when it
+        differs from the in-memory ``mlp`` (Mixtral's ``block_sparse_moe``)
+    :param hub_projections: hub names of the gate, up and down projections of
+        one expert (``experts.{i}.<name>``)
+    :param fused_on_disk: hub checkpoints store all experts of a layer in fused
+        3D tensors (gpt-oss); an unquantized result is saved that way too
     """
 
     model_type: str
@@ -75,6 +88,7 @@ class MoEArchSpec:
     renormalize_key: str | None = None
     n_group_key: str | None = None
     topk_group_key: str | None = None
+    grouped_when: tuple[str, str] | None = None
     group_score: GroupScore = "top2_sum"
     scaling_factor_key: str | None = None
     bias_attr: str | None = None
@@ -83,10 +97,18 @@ class MoEArchSpec:
     shared_expert_gate_attr: str | None = None
     quantization_ignore: tuple[str, ...] = field(default=_BASE_IGNORE)
     linear_save_renames: tuple[tuple[str, str], ...] = ()
+    hub_block_attr: str | None = None
+    hub_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    fused_on_disk: bool = False
 
     @property
     def num_experts_key(self) -> str:
         return self.num_experts_keys[0]
+
+    @property
+    def router_owner_attr(self) -> str:
+        """Attribute path of the module that owns a ``router``-located bias."""
+        return self.router_attr.split(".")[0]
 
 
 def _ignore(*patterns: str) -> tuple[str, ...]:
@@ -96,6 +118,7 @@ def _ignore(*patterns: str) -> tuple[str, ...]:
 _QWEN_IGNORE = _ignore("re:.*mlp.gate$", "re:.*mlp.shared_expert_gate$")
 _GATE_IGNORE = _ignore("re:.*mlp.gate$")
 
+_W123 = ("w1", "w3", "w2")
 _W123_RENAMES = (
     (r"\.block_sparse_moe\.", ".mlp."),
     (r"\.experts\.(\d+)\.w1\.", r".experts.\1.gate_proj."),
@@ -125,6 +148,8 @@ _ROWS = [
         num_experts_keys=("num_local_experts",),
         quantization_ignore=_ignore("re:.*mlp.gate$", "re:.*block_sparse_moe.gate$"),
         linear_save_renames=_W123_RENAMES,
+        hub_block_attr="block_sparse_moe",
+        hub_projections=_W123,
     ),
     MoEArchSpec(
         model_type="olmoe",
@@ -138,6 +163,7 @@ _ROWS = [
         renormalize=False,
         n_group_key="n_group",
         topk_group_key="topk_group",
+        grouped_when=("topk_method", "group_limited_greedy"),
         group_score="max",
         scaling_factor_key="routed_scaling_factor",
         shared_expert_attrs=("shared_experts",),
@@ -155,6 +181,45 @@ _ROWS = [
         bias_location="router",
         shared_expert_attrs=("shared_experts",),
         quantization_ignore=_GATE_IGNORE,
+    ),
+    MoEArchSpec(
+        model_type="ernie4_5_moe",
+        # serialised as `moe_num_experts`; `num_experts` is the class alias
+        num_experts_keys=("moe_num_experts",),
+        top_k_key="moe_k",
+        # softmax scores + bias choose; weights are renormalised (clamped sum)
+        bias_attr="moe_statics.e_score_correction_bias",
+        bias_location="router",
+        shared_expert_attrs=("shared_experts",),
+        quantization_ignore=_GATE_IGNORE,
+    ),
+    MoEArchSpec(
+        model_type="minimax_m2",
+        num_experts_keys=("num_local_experts",),
+        scoring="sigmoid",
+        bias_attr="e_score_correction_bias",
+        bias_location="block",
+        quantization_ignore=_ignore("re:.*mlp.gate$", "re:.*block_sparse_moe.gate$"),
+        linear_save_renames=_W123_RENAMES,
+        hub_block_attr="block_sparse_moe",
+        hub_projections=_W123,
+    ),
+    MoEArchSpec(
+        model_type="hunyuan_v1_moe",
+        num_experts_keys=("num_experts",),
+        top_k_key="moe_topk",
+        # the router weight lives in an nn.Linear that GPTQ would quantize
+        router_attr="gate.wg",
+        shared_expert_attrs=("shared_mlp",),
+        quantization_ignore=_ignore("re:.*mlp.gate$", "re:.*mlp.gate.wg$"),
+    ),
+    MoEArchSpec(
+        model_type="gpt_oss",
+        num_experts_keys=("num_local_experts",),
+        # top-k on biased logits, softmax over the k = renormalised softmax
+        router_attr="router",
+        quantization_ignore=_ignore("re:.*mlp.router$"),
+        fused_on_disk=True,
     ),
 ]
 

@@ -148,14 +148,17 @@ def set_router_rows(
         )
     if correction_bias is not None:
         owner = layer.bias_owner
-        old_corr = getattr(owner, layer.spec.bias_attr)
-        setattr(owner, layer.spec.bias_attr, correction_bias.to(old_corr.dtype))
+        old_corr = getattr(owner, layer.bias_name)
+        new_corr = correction_bias.to(old_corr.dtype).contiguous()
+        if isinstance(old_corr, nn.Parameter):  # ERNIE's moe_statics
+            new_corr = nn.Parameter(new_corr, requires_grad=old_corr.requires_grad)
+        setattr(owner, layer.bias_name, new_corr)
     if isinstance(getattr(router, "out_features", None), int):
         router.out_features = rows.shape[0]
 
 
 def _set_cached_counts(layer: MoELayer, count: int) -> None:
-    for holder in (layer.block, layer.router, layer.experts):
+    for holder in layer.count_holders():
         for attr in _CACHED_COUNT_ATTRS:
             if isinstance(getattr(holder, attr, None), int):
                 setattr(holder, attr, count)

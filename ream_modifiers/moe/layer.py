@@ -73,7 +73,8 @@ class MoELayer:
 
     @property
     def router(self) -> nn.Module:
-        return getattr(self.block, self.spec.router_attr)
+        """The module holding the router ``weight`` (and a logit ``bias``)."""
+        return _resolve(self.block, self.spec.router_attr)
 
     @property
     def num_experts(self) -> int:
@@ -130,16 +131,37 @@ class MoELayer:
 
     @property
     def bias_owner(self) -> nn.Module | None:
+        """The module that directly holds the score-correction bias, or None."""
         if self.spec.bias_attr is None:
             return None
-        owner = self.block if self.spec.bias_location == "block" else self.router
-        return owner if hasattr(owner, self.spec.bias_attr) else None
+        base = (
+            self.block
+            if self.spec.bias_location == "block"
+            else _resolve(self.block, self.spec.router_owner_attr)
+        )
+        *path, _ = self.spec.bias_attr.split(".")
+        owner = _resolve(base, ".".join(path)) if path else base
+        return owner if hasattr(owner, self.bias_name) else None
+
+    @property
+    def bias_name(self) -> str:
+        """Attribute name of the bias on :attr:`bias_owner`."""
+        return (self.spec.bias_attr or "").split(".")[-1]
 
     @property
     def correction_bias(self) -> torch.Tensor | None:
         """The selection-only score-correction bias, or None."""
         owner = self.bias_owner
-        return None if owner is None else getattr(owner, self.spec.bias_attr)
+        return None if owner is None else getattr(owner, self.bias_name)
+
+    def count_holders(self) -> list[nn.Module]:
+        """Modules that may cache the expert count: block, router path, experts."""
+        holders = [self.block, self.experts]
+        module = self.block
+        for part in self.spec.router_attr.split("."):
+            module = getattr(module, part)
+            holders.append(module)
+        return holders
 
     def router_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Router logits in fp32 for ``[tokens, H]`` hidden states."""
@@ -220,7 +242,7 @@ def find_moe_layers(
     layers = []
     for name, module in model.named_modules():
         experts = getattr(module, spec.experts_attr, None)
-        router = getattr(module, spec.router_attr, None)
+        router = _resolve(module, spec.router_attr)
         if not isinstance(experts, LinearExperts2D) or router is None:
             continue
         if not isinstance(getattr(router, "weight", None), torch.Tensor):
@@ -253,3 +275,12 @@ def find_moe_layers(
             "updating its config?"
         )
     return layers
+
+
+def _resolve(module: nn.Module | None, path: str) -> nn.Module | None:
+    """``module.a.b`` for the dotted ``path`` ``"a.b"``, None where absent."""
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module

@@ -8,31 +8,66 @@ import os
 import torch
 from llmcompressor.modeling.moe.linearize import linearize_moe
 from loguru import logger
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers.conversion_mapping import (
     get_checkpoint_conversion_mapping,
     register_checkpoint_conversion_mapping,
 )
 from transformers.core_model_loading import WeightRenaming
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.monkey_patching import clear_patch_mapping
 
 from ream_modifiers.moe.architectures import get_arch_spec, text_config
+from ream_modifiers.moe.conversions import (
+    fused_save_conversions,
+    per_expert_checkpoints,
+    register_kimi_k2_mapping,
+)
 
 __all__ = ["load_moe_model", "load_context_available", "ensure_hub_save_names"]
+
+# Checkpoint model types transformers does not know, and the native family whose
+# classes load them.
+_LOAD_AS = {"kimi_k2": "deepseek_v3"}
+
+# importing the package is enough for a plain from_pretrained of Kimi-K2
+register_kimi_k2_mapping()
 
 
 def ensure_hub_save_names(model: PreTrainedModel) -> None:
     """
     Make ``save_pretrained`` write a linearized model's experts under the hub's
-    per-expert names where llm-compressor has no mapping for the family (Mixtral
-    would otherwise be saved as ``mlp.experts.{i}.gate_proj``, which neither
-    transformers nor vLLM load).
+    names where llm-compressor has no mapping for the family: Mixtral would
+    otherwise be saved as ``mlp.experts.{i}.gate_proj``, which neither
+    transformers nor vLLM load, and gpt-oss per expert although its hub layout
+    is fused. Call it again once quantization schemes are attached: quantized
+    gpt-oss experts stay per expert (compressed-tensors packs each ``Linear``).
     """
     spec = get_arch_spec(model.config)
-    if spec.linear_save_renames:
+    if spec.fused_on_disk:
+        model._weight_conversions = (
+            [] if _experts_quantized(model) else fused_save_conversions()
+        )
+    elif spec.linear_save_renames:
         model._weight_conversions = [
             WeightRenaming(disk, memory) for disk, memory in spec.linear_save_renames
         ]
+
+
+def _experts_quantized(model: PreTrainedModel) -> bool:
+    from llmcompressor.modeling.moe.linear_experts import ExpertMLP
+
+    return any(
+        getattr(linear, "quantization_scheme", None) is not None
+        for module in model.modules()
+        if isinstance(module, ExpertMLP)
+        for linear in module.children()
+    )
 
 
 def load_context_available() -> bool:
@@ -65,6 +100,13 @@ def load_moe_model(
     :param kwargs: forwarded to ``from_pretrained``
     :raises ValueError: if checkpoint tensors are missing for model weights
     """
+    register_kimi_k2_mapping()
+    config = _checkpoint_config(model_id, kwargs)
+    if config is not None:
+        # llm-compressor's load_context resolves configs through AutoConfig,
+        # which does not know this model type
+        kwargs["config"] = config
+        use_load_context = False
     if use_load_context is None:
         use_load_context = load_context_available()
     if use_load_context:
@@ -92,11 +134,44 @@ def load_moe_model(
                 f"load_context() failed ({error}); loading fused and linearizing "
                 "after load instead"
             )
-    model, info = AutoModelForCausalLM.from_pretrained(
-        model_id, dtype=dtype, output_loading_info=True, **kwargs
-    )
+    # gpt-oss saved per expert (quantized by llm-compressor) loads too
+    with per_expert_checkpoints(_model_type(model_id)):
+        model, info = AutoModelForCausalLM.from_pretrained(
+            model_id, dtype=dtype, output_loading_info=True, **kwargs
+        )
     _check_loading_info(model_id, info)
     return _linearized(model)
+
+
+def _model_type(model_id) -> str | None:
+    try:
+        config_dict, _ = PretrainedConfig.get_config_dict(model_id)
+    except OSError:
+        return None
+    return config_dict.get("model_type")
+
+
+def _checkpoint_config(model_id, kwargs: dict):
+    """
+    The config of a checkpoint whose ``model_type`` transformers does not know
+    but whose native family loads it (Kimi-K2 -> DeepSeek-V3), keeping its
+    ``model_type`` so that the matching conversion mapping applies; else None.
+    """
+    if kwargs.get("config") is not None:
+        return None
+    try:
+        config_dict, _ = PretrainedConfig.get_config_dict(model_id)
+    except OSError:
+        return None  # let from_pretrained raise its own error
+    native = _LOAD_AS.get(config_dict.get("model_type"))
+    if native is None:
+        return None
+    config_class = CONFIG_MAPPING[native]
+    logger.info(
+        f"{model_id}: model_type {config_dict['model_type']!r} is loaded with "
+        f"{config_class.__name__}"
+    )
+    return config_class.from_pretrained(model_id)
 
 
 def _linearized(model: PreTrainedModel) -> PreTrainedModel:

@@ -49,6 +49,10 @@ class RoutingSpec:
         topk_group = (
             getattr(config, spec.topk_group_key, None) if spec.topk_group_key else None
         )
+        if spec.grouped_when is not None:
+            key, value = spec.grouped_when
+            if getattr(config, key, None) != value:
+                n_group = None  # the router ignores its groups
         if not n_group or n_group <= 1:
             # a single group is plain top-k routing
             n_group, topk_group = None, None

@@ -63,3 +63,43 @@ def test_unknown_moe_type_is_detected_with_a_warning():
 def test_dense_config_is_rejected_with_a_clear_error():
     with pytest.raises(ValueError, match="not an MoE model"):
         get_arch_spec(LlamaConfig(hidden_size=64))
+
+
+ALL_FAMILIES = sorted(TINY_CONFIGS)
+
+
+@pytest.mark.parametrize("model_type", ALL_FAMILIES)
+def test_every_tiny_family_has_a_row_naming_real_config_keys(model_type):
+    spec = ARCHITECTURES[model_type]
+    config = AutoConfig.for_model(model_type, **TINY_CONFIGS[model_type])
+    for key in (*spec.num_experts_keys, spec.top_k_key):
+        assert getattr(config, key) == (8 if key != spec.top_k_key else 2), key
+    # the key the family serialises is among those rewritten after a change
+    assert set(spec.num_experts_keys) & set(config.to_dict())
+    assert "lm_head" in spec.quantization_ignore
+
+
+@pytest.mark.parametrize(
+    "topk_method, n_group", [("group_limited_greedy", 2), ("greedy", None)]
+)
+def test_deepseek_v2_groups_only_with_group_limited_greedy(topk_method, n_group):
+    kwargs = dict(TINY_CONFIGS["deepseek_v2"], topk_method=topk_method)
+    config = AutoConfig.for_model("deepseek_v2", **kwargs)
+    routing = RoutingSpec.from_config(config, get_arch_spec(config))
+    assert routing.n_group == n_group and routing.group_score == "max"
+
+
+@pytest.mark.parametrize(
+    "model_type, router, bias",
+    [
+        ("hunyuan_v1_moe", "gate.wg", None),
+        ("gpt_oss", "router", None),
+        ("ernie4_5_moe", "gate", "moe_statics.e_score_correction_bias"),
+        ("minimax_m2", "gate", "e_score_correction_bias"),
+    ],
+)
+def test_rows_name_nested_routers_and_biases(model_type, router, bias):
+    spec = ARCHITECTURES[model_type]
+    assert spec.router_attr == router and spec.bias_attr == bias
+    # a router that is an nn.Linear must be kept away from GPTQ
+    assert any(p.endswith(router + "$") for p in spec.quantization_ignore)

@@ -14,6 +14,7 @@ from ream_modifiers.moe import (
     write_expert,
 )
 from ream_modifiers.moe.architectures import get_arch_spec
+from ream_modifiers.tiny import TINY_CONFIGS
 from tests.conftest import sample_input_ids
 
 
@@ -140,3 +141,79 @@ def test_find_moe_layers_errors(load_tiny, tmp_path):
     fused = AutoModelForCausalLM.from_pretrained(path)
     with pytest.raises(MoEModelError, match="still fused"):
         find_moe_layers(fused)
+
+
+FAMILIES = sorted(TINY_CONFIGS)
+
+
+def _permutation(layer) -> list[int]:
+    """Reverse the experts inside each router group (membership is positional)."""
+    return [e for group in layer.router_groups() for e in reversed(group)]
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_layer_routes_like_the_model_and_permutes_exactly(load_tiny, model_type):
+    """
+    Our routing reproduces the model's top-k for every family, and reordering
+    the experts with keep_experts (router rows, logit and correction biases,
+    expert biases, cached counts) leaves the logits unchanged.
+    """
+    model, _, _ = load_tiny(model_type)
+    ids = sample_input_ids()
+    layer = find_moe_layers(model)[-1]
+    seen = {}
+    handle = layer.experts.register_forward_pre_hook(
+        lambda module, args: seen.update(args=args)
+    )
+    before = _logits(model, ids)
+    handle.remove()
+    hidden, index, weights = seen["args"]
+    our_index, our_weights = layer.route(hidden)
+    assert torch.equal(index.sort(-1).values, our_index.sort(-1).values)
+    torch.testing.assert_close(
+        weights.sort(-1).values, our_weights.to(weights.dtype).sort(-1).values
+    )
+    bias = layer.correction_bias
+    bias = None if bias is None else bias.detach().clone()
+    order = _permutation(layer)
+    for one in find_moe_layers(model):
+        keep_experts(one, order)
+    if bias is not None:
+        assert torch.equal(layer.correction_bias, bias[..., order])
+    torch.testing.assert_close(_logits(model, ids), before, rtol=1e-5, atol=1e-5)
+
+
+def test_gpt_oss_pruning_keeps_the_right_bias_rows(load_tiny):
+    model, _, _ = load_tiny("gpt_oss")
+    layer = find_moe_layers(model)[0]
+    router_bias = layer.router_bias.detach().clone()
+    up_bias = layer.stacked_weights().up_bias
+    down_bias = layer.stacked_weights().down_bias
+    assert up_bias.abs().sum() > 0 and router_bias.abs().sum() > 0
+    keep = [7, 1, 4]
+    keep_experts(layer, keep)
+    kept = layer.stacked_weights()
+    assert torch.equal(layer.router_bias, router_bias[keep])
+    assert torch.equal(kept.up_bias, up_bias[keep])
+    assert torch.equal(kept.down_bias, down_bias[keep])
+    assert layer.router.num_experts == 3 and layer.experts.num_experts == 3
+
+
+def test_gpt_oss_merge_averages_biases(load_tiny):
+    from ream_modifiers.methods.merge import merge_group
+
+    model, _, _ = load_tiny("gpt_oss")
+    layer = find_moe_layers(model)[0]
+    weights = layer.stacked_weights()
+    perm = torch.randperm(
+        weights.gate.shape[1], generator=torch.Generator().manual_seed(0)
+    )
+    merged = merge_group(weights, [2, 5], [0.25, 0.75], [None, perm.tolist()])
+    for name in ("gate_bias", "up_bias"):
+        stack = getattr(weights, name)
+        expected = 0.25 * stack[2] + 0.75 * stack[5][perm]
+        torch.testing.assert_close(merged[name], expected)
+    # the down bias lives in the output space: it is averaged, never permuted
+    torch.testing.assert_close(
+        merged["down_bias"], 0.25 * weights.down_bias[2] + 0.75 * weights.down_bias[5]
+    )

@@ -23,3 +23,68 @@ def test_both_load_paths_give_the_checkpoint_weights(tiny_model_dir, use_load_co
         torch.testing.assert_close(
             model(ids).logits, fused(ids).logits, rtol=1e-5, atol=1e-5
         )
+
+
+def test_kimi_k2_checkpoint_loads_its_experts_not_random_ones(tiny_model_dir, tmp_path):
+    """
+    A Kimi-K2 checkpoint is DeepSeek-V3 weights in the hub's per-expert layout
+    under ``model_type: kimi_k2``; without a conversion mapping registered for
+    that type transformers would leave the fused experts random.
+    """
+    import json
+    import shutil
+
+    source = tiny_model_dir("deepseek_v3")
+    kimi = tmp_path / "kimi"
+    shutil.copytree(source, kimi)
+    config = json.loads((kimi / "config.json").read_text())
+    config["model_type"] = "kimi_k2"
+    (kimi / "config.json").write_text(json.dumps(config))
+
+    reference = AutoModelForCausalLM.from_pretrained(source)
+    model = load_moe_model(kimi, dtype=torch.float32)
+    assert model.config.model_type == "kimi_k2"
+    layer = find_moe_layers(model)[0]
+    fused = reference.model.layers[1].mlp.experts
+    for e in (0, 5):
+        assert torch.equal(
+            layer.expert(e).gate_proj.weight, fused.gate_up_proj[e, :128]
+        )
+        assert torch.equal(layer.expert(e).up_proj.weight, fused.gate_up_proj[e, 128:])
+        assert torch.equal(layer.expert(e).down_proj.weight, fused.down_proj[e])
+    assert torch.equal(
+        layer.correction_bias,
+        reference.model.layers[1].mlp.gate.e_score_correction_bias,
+    )
+
+
+def test_kimi_k2_mapping_is_registered_on_import():
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    import ream_modifiers  # noqa: F401
+
+    mapping = get_checkpoint_conversion_mapping("kimi_k2")
+    reference = get_checkpoint_conversion_mapping("deepseek_v3")
+    assert mapping is not None
+    assert [m.target_patterns for m in mapping] == [
+        m.target_patterns for m in reference
+    ]
+
+
+def test_gpt_oss_saves_fused_like_the_hub(tiny_model_dir, tmp_path):
+    from safetensors import safe_open
+
+    path = tiny_model_dir("gpt_oss")
+    model = load_moe_model(path, dtype=torch.float32)
+    model.save_pretrained(tmp_path / "out")
+    with safe_open(next((tmp_path / "out").glob("*.safetensors")), "pt") as handle:
+        saved = set(handle.keys())
+    with safe_open(next(path.glob("*.safetensors")), "pt") as handle:
+        hub = set(handle.keys())
+    assert saved == hub
+    ids = torch.arange(12).unsqueeze(0)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5
+        )

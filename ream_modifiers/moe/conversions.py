@@ -1,0 +1,154 @@
+"""
+Checkpoint conversion mappings (transformers ``WeightConverter`` lists) that the
+MoE families here need beyond what transformers and llm-compressor register.
+
+- gpt-oss stores its experts fused on the hub (``gate_up_proj [E, H, 2I]`` with
+  gate/up interleaved along the last dim, biases, ``down_proj [E, I, H]``), and
+  neither library maps per-expert tensors to or from that layout. An unquantized
+  linearized gpt-oss is saved fused again (:func:`fused_save_conversions`); a
+  quantized one keeps llm-compressor's per-expert tensors, which transformers
+  loads inside :func:`per_expert_checkpoints`.
+- Kimi-K2 checkpoints (``model_type: kimi_k2``) load into DeepSeek-V3 classes,
+  but transformers keys conversion mappings by model type and has none for
+  ``kimi_k2``: its experts would silently stay random
+  (:func:`register_kimi_k2_mapping`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from loguru import logger
+from transformers.conversion_mapping import (
+    get_checkpoint_conversion_mapping,
+    register_checkpoint_conversion_mapping,
+)
+from transformers.core_model_loading import (
+    Chunk,
+    Concatenate,
+    Interleave,
+    MergeModulelist,
+    SplitModulelist,
+    Transpose,
+    WeightConverter,
+    WeightTransform,
+)
+
+__all__ = [
+    "fused_save_conversions",
+    "per_expert_load_conversions",
+    "per_expert_checkpoints",
+    "register_kimi_k2_mapping",
+]
+
+_EXPERT = "mlp.experts.*"
+
+
+def per_expert_load_conversions() -> list[WeightTransform]:
+    """
+    Load direction, per-expert ``nn.Linear`` tensors -> gpt-oss fused experts:
+    stack the experts, put gate and up side by side, move the input dim first
+    and interleave gate/up columns (gate = even, up = odd).
+    """
+    return [
+        WeightConverter(
+            [f"{_EXPERT}.gate_proj.weight", f"{_EXPERT}.up_proj.weight"],
+            "mlp.experts.gate_up_proj",
+            [
+                MergeModulelist(dim=0),
+                Concatenate(dim=1),
+                Transpose(1, 2),
+                Interleave(dim=2, inverse=True),
+            ],
+        ),
+        WeightConverter(
+            [f"{_EXPERT}.gate_proj.bias", f"{_EXPERT}.up_proj.bias"],
+            "mlp.experts.gate_up_proj_bias",
+            [
+                MergeModulelist(dim=0),
+                Concatenate(dim=1),
+                Interleave(dim=1, inverse=True),
+            ],
+        ),
+        WeightConverter(
+            f"{_EXPERT}.down_proj.weight",
+            "mlp.experts.down_proj",
+            [MergeModulelist(dim=0), Transpose(1, 2)],
+        ),
+        WeightConverter(
+            f"{_EXPERT}.down_proj.bias",
+            "mlp.experts.down_proj_bias",
+            [MergeModulelist(dim=0)],
+        ),
+    ]
+
+
+def fused_save_conversions() -> list[WeightTransform]:
+    """
+    For ``model._weight_conversions`` of a linearized gpt-oss: written in the load
+    direction (fused on disk -> per-expert in memory), so that ``save_pretrained``,
+    which applies the reverse, writes the hub's fused tensors. Only valid while
+    the experts are unquantized (packed tensors have other names and shapes).
+    """
+    # `$` keeps `gate_up_proj` from also matching `gate_up_proj_bias`
+    return [
+        WeightConverter(
+            "mlp.experts.gate_up_proj$",
+            [f"{_EXPERT}.gate_proj.weight", f"{_EXPERT}.up_proj.weight"],
+            [Interleave(dim=2), Transpose(1, 2), Chunk(dim=1), SplitModulelist(dim=0)],
+        ),
+        WeightConverter(
+            "mlp.experts.gate_up_proj_bias$",
+            [f"{_EXPERT}.gate_proj.bias", f"{_EXPERT}.up_proj.bias"],
+            [Interleave(dim=1), Chunk(dim=1), SplitModulelist(dim=0)],
+        ),
+        WeightConverter(
+            "mlp.experts.down_proj$",
+            f"{_EXPERT}.down_proj.weight",
+            [Transpose(1, 2), SplitModulelist(dim=0)],
+        ),
+        WeightConverter(
+            "mlp.experts.down_proj_bias$",
+            f"{_EXPERT}.down_proj.bias",
+            [SplitModulelist(dim=0)],
+        ),
+    ]
+
+
+@contextlib.contextmanager
+def per_expert_checkpoints(model_type: str = "gpt_oss") -> Iterator[None]:
+    """
+    Within the block, transformers loads ``model_type`` checkpoints whose experts
+    are stored per expert (``mlp.experts.{i}.gate_proj.weight``, as llm-compressor
+    writes quantized gpt-oss) into the fused experts class. The previous mapping
+    is restored on exit: registered for good, it would also make transformers
+    save fused gpt-oss models per expert.
+
+    :param model_type: the family (only ``gpt_oss`` needs this)
+    """
+    if model_type != "gpt_oss":
+        yield
+        return
+    previous = get_checkpoint_conversion_mapping(model_type)
+    register_checkpoint_conversion_mapping(
+        model_type, per_expert_load_conversions(), overwrite=True
+    )
+    try:
+        yield
+    finally:
+        register_checkpoint_conversion_mapping(model_type, previous, overwrite=True)
+
+
+def register_kimi_k2_mapping() -> None:
+    """
+    Give ``kimi_k2`` DeepSeek-V3's conversion mapping (idempotent), so a Kimi-K2
+    checkpoint's per-expert tensors are fused into the experts on load.
+    """
+    if get_checkpoint_conversion_mapping("kimi_k2") is not None:
+        return
+    mapping = get_checkpoint_conversion_mapping("deepseek_v3")
+    if mapping is None:  # pragma: no cover - transformers without the mapping
+        logger.warning("transformers has no deepseek_v3 conversion mapping to reuse")
+        return
+    register_checkpoint_conversion_mapping("kimi_k2", mapping)

@@ -1,0 +1,245 @@
+"""
+The architecture matrix: every modifier, with and without GPTQ W4A16, on a tiny
+random model of every supported family. Each cell runs ``oneshot``, saves,
+reloads with transformers and checks what vLLM relies on.
+
+The default run takes a fast slice (every family with REAP + W4A16, every
+method on Qwen3-MoE and on gpt-oss); ``REAM_FULL_MATRIX=1`` runs the whole
+product. See README.md for timings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import GPTQModifier
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from ream_modifiers.modifiers import (
+    AIMERModifier,
+    DERNModifier,
+    EANPruningModifier,
+    FrequencyPruningModifier,
+    HCSMoEModifier,
+    MoEITSModifier,
+    MSMoEModifier,
+    REAMModifier,
+    REAPModifier,
+)
+from ream_modifiers.moe import MoEModelError, find_moe_layers
+from ream_modifiers.moe.architectures import ARCHITECTURES, MoEArchSpec
+from ream_modifiers.moe.conversions import per_expert_checkpoints
+from ream_modifiers.saving import REPORT_FILENAME
+from ream_modifiers.tiny import TINY_CONFIGS
+from tests.conftest import NUM_SAMPLES, SEQ_LEN, sample_input_ids
+
+FAMILIES = [
+    "qwen3_moe",
+    "qwen2_moe",
+    "mixtral",
+    "olmoe",
+    "deepseek_v2",
+    "deepseek_v3",
+    "glm4_moe",
+    "qwen3_next",
+    "ernie4_5_moe",
+    "minimax_m2",
+    "dots1",
+    "hunyuan_v1_moe",
+    "gpt_oss",
+]
+MODIFIERS = {
+    "reap": lambda: REAPModifier(sparsity=0.25),
+    "ream": lambda: REAMModifier(sparsity=0.25, max_activation_tokens=256),
+    "hcsmoe": lambda: HCSMoEModifier(sparsity=0.25, max_activation_tokens=256),
+    "msmoe": lambda: MSMoEModifier(sparsity=0.25, max_activation_tokens=256),
+    "dern": lambda: DERNModifier(sparsity=0.25, kmeans_iters=5),
+    "aimer": lambda: AIMERModifier(sparsity=0.25),
+    "moeits": lambda: MoEITSModifier(sparsity=0.25, bins=16),
+    "frequency": lambda: FrequencyPruningModifier(sparsity=0.25),
+    "ean": lambda: EANPruningModifier(sparsity=0.25),
+}
+# (family, modifier): why that method cannot run on that family at all
+UNSUPPORTED = {
+    ("gpt_oss", "dern"): "biases",
+}
+KEPT = 6  # 8 experts, sparsity 0.25
+FULL = os.environ.get("REAM_FULL_MATRIX", "") not in ("", "0")
+# every config key that stores an expert count in some family
+COUNT_KEYS = {
+    "num_experts",
+    "num_local_experts",
+    "n_routed_experts",
+    "moe_num_experts",
+}
+
+
+def _fast(family: str, method: str, quantized: bool) -> bool:
+    return (
+        (method == "reap" and quantized)
+        or (family == "qwen3_moe" and not quantized)
+        or (family == "gpt_oss" and not quantized)
+    )
+
+
+def _cells():
+    for family in FAMILIES:
+        for method in MODIFIERS:
+            if (family, method) in UNSUPPORTED:
+                continue
+            for quantized in (False, True):
+                if not (FULL or _fast(family, method, quantized)):
+                    continue
+                name = f"{family}-{method}-{'w4a16' if quantized else 'plain'}"
+                yield pytest.param(family, method, quantized, id=name)
+
+
+def _tensors(directory: Path) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for file in directory.glob("*.safetensors"):
+        with safe_open(file, "pt") as handle:
+            for key in handle.keys():
+                shapes[key] = tuple(handle.get_slice(key).get_shape())
+    return shapes
+
+
+def _hub_block(spec: MoEArchSpec) -> str:
+    return spec.hub_block_attr or "mlp"
+
+
+def _check_expert_tensors(spec, layers, shapes, quantized):
+    """Every kept expert under its hub name, nothing beyond the new count."""
+    block = _hub_block(spec)
+    for layer in layers:
+        prefix = f"{layer}.{block}.experts"
+        if spec.fused_on_disk and not quantized:
+            # gpt-oss hub layout: one fused tensor per projection and bias
+            for name in ("gate_up_proj", "gate_up_proj_bias", "down_proj"):
+                assert shapes[f"{prefix}.{name}"][0] == KEPT, name
+            assert shapes[f"{prefix}.down_proj_bias"][0] == KEPT
+            assert not any(k.startswith(f"{prefix}.0.") for k in shapes)
+            continue
+        suffix = "weight_packed" if quantized else "weight"
+        for e in range(KEPT):
+            for proj in spec.hub_projections:
+                assert f"{prefix}.{e}.{proj}.{suffix}" in shapes, (e, proj)
+                if spec.fused_on_disk:  # gpt-oss biases stay per expert
+                    assert f"{prefix}.{e}.{proj}.bias" in shapes
+        assert not any(k.startswith(f"{prefix}.{KEPT}.") for k in shapes)
+
+
+def _check_routers(spec, layers, shapes, quant):
+    block = _hub_block(spec)
+    ignored = set(quant["ignore"]) if quant else set()
+    for layer in layers:
+        router = f"{layer}.{block}.{spec.router_attr}"
+        assert shapes[f"{router}.weight"][0] == KEPT
+        assert not any(k.startswith(f"{router}.weight_") for k in shapes)
+        gate = spec.shared_expert_gate_attr
+        if gate:
+            assert f"{layer}.{block}.{gate}.weight" in shapes
+            assert not any(
+                k.startswith(f"{layer}.{block}.{gate}.weight_") for k in shapes
+            )
+        if quant is None:
+            continue
+        memory = f"{layer}.mlp.{spec.router_attr}"
+        assert router in ignored or memory in ignored, (router, sorted(ignored))
+        if gate:
+            assert f"{layer}.mlp.{gate}" in ignored
+
+
+def _check_config(spec, config):
+    for key in spec.num_experts_keys:
+        assert config[key] == KEPT, key
+    for key in COUNT_KEYS & set(config):
+        assert config[key] == KEPT, key
+    if spec.model_type == "qwen3_moe":
+        assert config["num_experts"] == KEPT
+    if spec.model_type == "deepseek_v3":
+        # vLLM creates the correction bias only for noaux_tc, and defaults to
+        # softmax without scoring_func
+        assert config["topk_method"] == "noaux_tc"
+        assert config["scoring_func"] == "sigmoid"
+        assert config["n_group"] == 2
+
+
+def _reload(path: Path, family: str):
+    with per_expert_checkpoints(family):
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, output_loading_info=True
+        )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    return model
+
+
+@pytest.mark.parametrize("family, method, quantized", list(_cells()))
+def test_matrix_cell(load_tiny, calibration, tmp_path, family, method, quantized):
+    spec = ARCHITECTURES[family]
+    model, tokenizer, _ = load_tiny(family)
+    recipe = [MODIFIERS[method]()]
+    if quantized:
+        recipe.append(
+            GPTQModifier(targets=["Linear"], scheme="W4A16", ignore=["lm_head"])
+        )
+    oneshot(
+        model=model,
+        dataset=calibration(family, num_samples=8),
+        recipe=recipe,
+        processor=tokenizer,
+        num_calibration_samples=8,
+        max_seq_length=SEQ_LEN,
+    )
+    assert {layer.num_experts for layer in find_moe_layers(model)} == {KEPT}
+    ids = sample_input_ids()
+    with torch.no_grad():
+        in_memory = model(ids).logits
+    out = tmp_path / "out"
+    model.save_pretrained(out)
+
+    reloaded = _reload(out, family)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded(ids).logits, in_memory, rtol=1e-5, atol=1e-5
+        )
+
+    shapes = _tensors(out)
+    block = _hub_block(spec)
+    layers = sorted(
+        {k.split(f".{block}.experts")[0] for k in shapes if ".experts" in k}
+    )
+    assert len(layers) == 2
+    config = json.loads((out / "config.json").read_text())
+    quant = config.get("quantization_config")
+    assert (quant is not None) == quantized
+    _check_expert_tensors(spec, layers, shapes, quantized)
+    _check_routers(spec, layers, shapes, quant)
+    _check_config(spec, config)
+    report = json.loads((out / REPORT_FILENAME).read_text())[0]
+    assert [len(e["kept"]) for e in report["layers"].values()] == [KEPT, KEPT]
+
+
+@pytest.mark.parametrize("family, method", sorted(UNSUPPORTED))
+def test_unsupported_cell_fails_before_calibration(
+    load_tiny, calibration, no_calibration, family, method
+):
+    model, tokenizer, _ = load_tiny(family)
+    with pytest.raises(MoEModelError, match=UNSUPPORTED[(family, method)]):
+        oneshot(
+            model=model,
+            dataset=calibration(family, num_samples=NUM_SAMPLES),
+            recipe=[MODIFIERS[method]()],
+            processor=tokenizer,
+            num_calibration_samples=NUM_SAMPLES,
+            max_seq_length=SEQ_LEN,
+        )
+
+
+def test_every_family_has_a_tiny_config_and_a_row():
+    assert set(FAMILIES) <= set(TINY_CONFIGS) <= set(ARCHITECTURES)
