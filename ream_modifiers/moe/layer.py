@@ -193,14 +193,20 @@ class MoELayer:
         experts = [self.expert(i) for i in indices]
 
         def stack(proj: str, attr: str) -> torch.Tensor | None:
-            tensors = []
-            for expert in experts:
+            # one preallocated copy filled expert by expert: no per-expert clones,
+            # and an offloaded expert is on the device only while it is copied
+            out = None
+            for position, expert in enumerate(experts):
                 linear = getattr(expert, proj, None)
                 if linear is None or getattr(linear, attr, None) is None:
                     return None
                 with align_module_device(linear):
-                    tensors.append(getattr(linear, attr).detach().clone())
-            return torch.stack(tensors)
+                    tensor = getattr(linear, attr).detach()
+                    if out is None:
+                        shape = (len(experts), *tensor.shape)
+                        out = tensor.new_empty(shape)
+                    out[position].copy_(tensor)
+            return out
 
         return ExpertWeights(
             gate=stack("gate_proj", "weight"),

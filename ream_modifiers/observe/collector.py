@@ -150,17 +150,25 @@ class LayerStatsCollector:
 
     # -- hooks -------------------------------------------------------------------
 
-    def attach(self, register: HookRegistrar) -> None:
-        """Register this collector's hooks through ``register(module, fn, kind)``."""
+    def attach(self, register: HookRegistrar) -> set:
+        """
+        Register this collector's hooks through ``register(module, fn, kind)``.
+
+        :return: the handles ``register`` returned, to remove exactly these hooks
+            (and free the statistics they reference) once the layer is decided
+        """
         experts = self.layer.experts
-        register(experts, self._on_experts_input, "forward_pre")
+        handles = {register(experts, self._on_experts_input, "forward_pre")}
         intermediate = any(s.needs_intermediate for s in self.statistics)
         for index, expert in enumerate(self.layer.expert_modules()):
-            register(expert, partial(self._on_expert_output, index), "forward")
+            handles.add(
+                register(expert, partial(self._on_expert_output, index), "forward")
+            )
             if intermediate:
                 hook = partial(self._on_expert_intermediate, index)
-                register(expert.down_proj, hook, "forward_pre")
-        register(experts, self._on_experts_output, "forward")
+                handles.add(register(expert.down_proj, hook, "forward_pre"))
+        handles.add(register(experts, self._on_experts_output, "forward"))
+        return handles
 
     @torch.no_grad()
     def _on_experts_input(self, module, args) -> None:

@@ -171,3 +171,30 @@ def test_merging_needs_all_expert_outputs(load_tiny, calibration):
             recipe=[REAMModifier(sparsity=0.25)],
             moe_calibrate_all_experts=False,
         )
+
+
+def _hook_count(module) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules()
+    )
+
+
+def test_each_layer_drops_its_hooks_and_statistics_once_decided(load_tiny, calibration):
+    """A decided layer's hooks (which hold its [E, capacity, D] activation
+    samples) are removed at once, not at the end of calibration."""
+    live_at_apply = []
+
+    class Probe(REAMModifier):
+        def apply(self, layer, decision):
+            super().apply(layer, decision)
+            live_at_apply.append(
+                [_hook_count(other.experts) > 0 for other in self._layers]
+            )
+
+    model, tokenizer, _ = load_tiny("qwen3_moe")
+    run_modifier(model, tokenizer, calibration("qwen3_moe"), Probe(sparsity=0.5))
+    layers = len(live_at_apply)
+    assert layers == 2
+    # while layer i is applied, layers before it have no hooks left
+    expected = [[j >= i for j in range(layers)] for i in range(layers)]
+    assert live_at_apply == expected
