@@ -70,7 +70,7 @@ def write_expert_plot(reports: list[dict[str, Any]], path: str | Path) -> Path |
     widest = max(e["experts_before"] for r in reports for e in r["layers"].values())
     rows = sum(len(r["layers"]) for r in reports)
     figure = Figure(
-        figsize=(min(4 + 0.12 * widest, 30), min(1.6 + 0.3 * rows, 40)),
+        figsize=(min(5 + 0.12 * widest, 30), min(1.8 + 0.3 * rows, 40)),
         layout="constrained",
     )
     FigureCanvasAgg(figure)
@@ -78,6 +78,19 @@ def write_expert_plot(reports: list[dict[str, Any]], path: str | Path) -> Path |
     axes = figure.subplots(len(reports), 1, squeeze=False, height_ratios=heights)
     for axis, report in zip(axes[:, 0], reports, strict=True):
         _draw(figure, axis, report, widest, np)
+    handles = {}
+    for axis in axes[:, 0]:
+        for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    # below the panels, where it hides no cell
+    figure.legend(
+        handles.values(),
+        handles.keys(),
+        loc="outside lower center",
+        ncols=2,
+        fontsize=7,
+        frameon=False,
+    )
     path = Path(path)
     figure.savefig(path, dpi=120)
     logger.info(f"Expert figure written to {path}")
@@ -126,14 +139,7 @@ def _draw(figure, axis, report: dict[str, Any], width: int, np) -> None:
         f"({len(names)} MoE layers)",
         fontsize=9,
     )
-    # below the axis, where it hides no cell
-    axis.legend(
-        loc="upper center",
-        bbox_to_anchor=(0.5, -0.18 - 1.2 / max(len(names), 1) / 3),
-        ncols=2,
-        fontsize=7,
-        frameon=False,
-    )
+
 
 
 def _short(name: str) -> str:
