@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from loguru import logger
 
 from ream_modifiers.plot import PLOT_FILENAME, is_merging
 
@@ -141,8 +142,11 @@ def _schemes(recipe_yaml: str) -> list[str]:
             for value in node:
                 walk(value)
 
-    if recipe_yaml:
-        walk(yaml.safe_load(recipe_yaml))
+    try:
+        # safe_load: a recipe is data, and must never construct Python objects
+        walk(yaml.safe_load(recipe_yaml) if recipe_yaml else None)
+    except yaml.YAMLError as error:
+        logger.warning(f"recipe.yaml not parsed for the model card: {error}")
     return list(dict.fromkeys(found))
 
 

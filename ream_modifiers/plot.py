@@ -141,7 +141,6 @@ def _draw(figure, axis, report: dict[str, Any], width: int, np) -> None:
     )
 
 
-
 def _short(name: str) -> str:
     """``model.layers.12.mlp`` -> ``layers.12``."""
     parts = name.split(".")

@@ -142,3 +142,11 @@ def test_dern_is_tagged_as_pruning_and_merging():
     )
     tags = _front(card)["tags"]
     assert tags[:4] == ["moe", "expert-merging", "expert-pruning", "dern"]
+
+
+def test_recipe_yaml_is_parsed_safely(tmp_path):
+    marker = tmp_path / "ran"
+    recipe = f'scheme: !!python/object/apply:os.system ["touch {marker}"]\n'
+    card = render_card(_inputs(recipe_yaml=recipe))
+    assert not marker.exists()
+    assert "- **Quantization:** custom, compressed-tensors format" in card
