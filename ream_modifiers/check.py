@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -309,6 +309,7 @@ def check_checkpoint(path: str | Path) -> CheckReport:
         return report
     report.experts_per_layer = {b.name: b.count for b in blocks.values()}
     _check_uniform(report, blocks)
+    _check_shapes(report, blocks)
     for block in blocks.values():
         _check_complete(report, block, spec)
         _check_router(report, block, spec, text)
@@ -352,6 +353,30 @@ def _check_uniform(report: CheckReport, blocks: dict[str, _Block]) -> None:
         "compress with a uniform budget (num_experts or sparsity; MoEITS without "
         "allow_nonuniform) so every layer keeps the same number of experts",
     )
+
+
+def _check_shapes(report: CheckReport, blocks: dict[str, _Block]) -> None:
+    """vLLM stacks every layer's experts into one tensor: one shape per tensor."""
+    tensors: dict[tuple[str, str], list[_Tensor]] = defaultdict(list)
+    for block in blocks.values():
+        for projections in block.experts.values():
+            for proj, params in projections.items():
+                for param, tensor in params.items():
+                    tensors[proj, param].append(tensor)
+    for (proj, param), found in tensors.items():
+        common = Counter(t.shape for t in found).most_common(1)[0][0]
+        odd = [t for t in found if t.shape != common]
+        if not odd:
+            continue
+        report.add(
+            "expert-shape",
+            odd[0].disk,
+            f"{len(odd)} {proj}.{param} tensor(s) differ from the common shape "
+            f"{list(common)} (this one is {list(odd[0].shape)}); vLLM stacks all "
+            "experts into one tensor per layer, sized from config.json",
+            "merge or recombine experts back to the original width "
+            "(moe_intermediate_size) before saving",
+        )
 
 
 def _check_complete(report: CheckReport, block: _Block, spec: MoEArchSpec) -> None:

@@ -339,3 +339,20 @@ def test_cli_check_exit_codes(w4a16_dir, tmp_path, capsys):
     assert "FAILED" in err
     assert "[config-count] config.json num_local_experts: num_local_experts=5" in err
     assert "fix: set num_experts, num_local_experts to 6" in err
+
+
+def test_expert_of_another_width(tiny_model_dir, tmp_path):
+    def narrow(state: dict) -> None:
+        name = "model.layers.1.mlp.experts.4.down_proj.weight"
+        state[name] = state[name][:, :64].contiguous()
+
+    report = check_checkpoint(
+        edited(tiny_model_dir("qwen3_moe"), tmp_path / "b", narrow)
+    )
+    assert report.codes == ["expert-shape"]
+    (violation,) = report.violations
+    assert violation.where == "model.layers.1.mlp.experts.4.down_proj.weight"
+    assert violation.message.startswith(
+        "1 down_proj.weight tensor(s) differ from the common shape [128, 128] "
+        "(this one is [128, 64])"
+    )
