@@ -1,4 +1,4 @@
-"""The checkpoint checker, on tiny checkpoints and deliberately broken copies."""
+"""check_checkpoint on tiny checkpoints and deliberately broken copies."""
 
 import json
 import shutil
