@@ -57,7 +57,8 @@ def _alive(pid: int) -> bool:
 def remove_stale(target: Path) -> list[Path]:
     """
     Remove the staging directories of ``target`` whose process is gone (or is
-    this process: a previous call here was interrupted).
+    this process: a previous call here was interrupted). A previous output moved
+    aside by such a process is put back if ``target`` is missing.
 
     :return: the directories removed
     """
@@ -73,6 +74,11 @@ def remove_stale(target: Path) -> list[Path]:
             pid = int(suffix)
             if pid != os.getpid() and _alive(pid):
                 logger.warning(f"{path} belongs to running process {pid}; left alone")
+                continue
+            if kind == "old" and not target.exists():
+                # killed between moving the old output aside and the new one in
+                logger.warning(f"Restoring {target} from {path}")
+                os.replace(path, target)
                 continue
             logger.info(f"Removing {path}, left by interrupted process {pid}")
             shutil.rmtree(path, ignore_errors=True)

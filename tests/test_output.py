@@ -79,13 +79,23 @@ def test_stale_staging_of_dead_processes_is_removed(tmp_path):
     old = staging_dir(target, "old", pid=_dead_pid())
     alive = staging_dir(target, pid=os.getppid())
     unrelated = [tmp_path / ".out.tmp-abc", tmp_path / ".outer.tmp-1", tmp_path / "x"]
-    for path in [dead, old, alive, *unrelated]:
+    for path in [target, dead, old, alive, *unrelated]:
         path.mkdir()
         (path / "f").write_text("x")
     assert sorted(remove_stale(target)) == sorted([dead, old])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        p.name for p in [alive, *unrelated]
+        p.name for p in [target, alive, *unrelated]
     )
-    with staged_output(target) as staging:
+    with staged_output(target, overwrite=True) as staging:
         (staging / "f").write_text("x")
     assert alive.is_dir() and target.is_dir()
+
+
+def test_output_moved_aside_by_a_killed_run_is_restored(tmp_path):
+    target = tmp_path / "out"
+    aside = staging_dir(target, "old", pid=_dead_pid())
+    aside.mkdir()
+    (aside / "model.safetensors").write_text("previous")
+    assert remove_stale(target) == []
+    assert (target / "model.safetensors").read_text() == "previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
