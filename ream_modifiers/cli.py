@@ -5,6 +5,7 @@ compressed-tensors checkpoint, its tokenizer and the per-layer report.
     ream-compress compress recipes/reap_w4a16.yaml --model Qwen/Qwen3-30B-A3B \\
         --dataset c4 --num-samples 512 --max-seq-len 2048 --output out/
     ream-compress demo
+    ream-compress check out/
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
+import shlex
 import sys
 import tempfile
 import time
@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 from loguru import logger
+
+from ream_modifiers.output import refuse_existing, staged_output
 
 __all__ = ["main", "compress", "CompressionSummary"]
 
@@ -109,22 +111,36 @@ def compress(
     packing: bool = True,
     chat_template: bool = False,
     seed: int = 42,
+    trust_remote_code: bool = False,
+    command: str | None = None,
 ) -> CompressionSummary:
     """
-    Compress ``model`` with ``recipe`` into ``output``. The output directory is
-    written under a temporary name and renamed when complete, so it is either
-    complete or absent.
+    Compress ``model`` with ``recipe`` into ``output``. The output is written to
+    ``.<name>.tmp-<pid>`` beside ``output``, checked with
+    :func:`ream_modifiers.check.check_checkpoint`, and renamed into place only if
+    the check passes, so ``output`` is either complete and valid or absent.
 
     Calibration text comes from ``dataset`` (one source), or from a general / math
     / code ``mix`` such as ``"general=0.2,math=0.3,code=0.5"`` (see
     :func:`ream_modifiers.data.build_mix`), whose per-source counts are written to
     ``calibration.json``.
+
+    Beside the checkpoint, the output holds ``recipe.yaml``, the per-layer report
+    ``expert_reduction.json``, ``compression_summary.json``, ``calibration.json``,
+    a model card ``README.md`` and, with matplotlib, ``expert_saliency.png``.
+
+    :param overwrite: replace a non-empty ``output``
+    :param trust_remote_code: run modelling code shipped with the model
+    :param command: the command line, quoted in the model card
+    :raises ream_modifiers.check.CheckpointCheckError: if the written checkpoint
+        breaks a rule vLLM depends on (nothing is written to ``output`` then)
     """
     from llmcompressor import oneshot
     from llmcompressor.recipe import Recipe
     from transformers import AutoTokenizer
 
     import ream_modifiers  # noqa: F401  (registers the modifiers)
+    from ream_modifiers.check import check_checkpoint
     from ream_modifiers.data import build_calibration_dataset, build_mix
     from ream_modifiers.moe import find_moe_layers, load_moe_model
     from ream_modifiers.saving import REPORT_FILENAME
@@ -133,16 +149,21 @@ def compress(
     if (dataset is None) == (mix is None):
         raise SystemExit("error: give exactly one of --dataset and --mix")
     output_dir = Path(output)
-    if output_dir.exists() and not overwrite:
-        raise SystemExit(f"error: {output_dir} exists; pass --overwrite to replace it")
+    refuse_existing(output_dir, overwrite)
     # parse the recipe now: a typo must fail before the model is even loaded
     Recipe.create_instance(str(recipe_path))
 
     start = time.perf_counter()
     logger.info(f"Loading {model}")
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    if trust_remote_code:
+        logger.warning(f"Running the modelling code shipped with {model}")
+    tokenizer = AutoTokenizer.from_pretrained(
+        model, trust_remote_code=trust_remote_code
+    )
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    moe_model = load_moe_model(model, dtype=torch_dtype)
+    moe_model = load_moe_model(
+        model, dtype=torch_dtype, trust_remote_code=trust_remote_code
+    )
     layers = find_moe_layers(moe_model)
     experts_before = layers[0].num_experts
     parameters_before = sum(p.numel() for p in moe_model.parameters())
@@ -170,11 +191,7 @@ def compress(
             "max_seq_length": max_seq_len,
         }
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(
-        tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent)
-    )
-    try:
+    with staged_output(output_dir, overwrite) as partial:
         oneshot(
             model=moe_model,
             dataset=calibration,
@@ -207,12 +224,20 @@ def compress(
         (partial / CALIBRATION_FILENAME).write_text(
             json.dumps(calibration_info, indent=2) + "\n"
         )
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(partial, output_dir)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+        check = check_checkpoint(partial)
+        check.raise_for_violations()
+        logger.info(f"Checkpoint check passed: {check.describe()}")
+        _write_provenance(
+            partial,
+            model=str(model),
+            output=str(output_dir),
+            reports=reports,
+            summary=summary,
+            calibration=calibration_info,
+            check=f"`ream-compress check` passed ({check.describe()}).",
+            trust_remote_code=trust_remote_code,
+            command=command,
+        )
     print(
         "\n".join(
             [
@@ -226,8 +251,46 @@ def compress(
     return summary
 
 
+def _write_provenance(
+    directory: Path,
+    *,
+    model: str,
+    output: str,
+    reports: list[dict],
+    summary: CompressionSummary,
+    calibration: dict,
+    check: str,
+    trust_remote_code: bool,
+    command: str | None,
+) -> None:
+    """The model card and the per-layer figure (skipped without matplotlib)."""
+    from ream_modifiers.card import CardInputs, write_card
+    from ream_modifiers.plot import PLOT_FILENAME, write_expert_plot
+
+    plot = write_expert_plot(reports, directory / PLOT_FILENAME)
+    recipe_file = directory / "recipe.yaml"
+    inputs = CardInputs(
+        model=model,
+        output=output,
+        reports=reports,
+        summary=asdict(summary),
+        calibration=calibration,
+        config=json.loads((directory / "config.json").read_text()),
+        recipe_yaml=recipe_file.read_text() if recipe_file.is_file() else "",
+        command=command,
+        check=check,
+        trust_remote_code=trust_remote_code,
+        plot=plot is not None,
+    )
+    write_card(inputs, directory)
+
+
+def _previous_output(path: Path) -> bool:
+    return (path / SUMMARY_FILENAME).is_file()
+
+
 def demo(
-    output: str = "demo-output", recipe: str = "reap_w4a16", overwrite: bool = True
+    output: str = "demo-output", recipe: str = "reap_w4a16", overwrite: bool = False
 ):
     """
     The whole path on the embedded default: the trained fixture MoE shipped in
@@ -235,12 +298,17 @@ def demo(
     Qwen3-MoE is built instead where the repository's benchmarks are absent),
     the bundled calibration text and a recipe; then reload the checkpoint with
     transformers and print held-out perplexity per domain before and after.
+
+    :param overwrite: replace a non-empty ``output``; an earlier ream-compress
+        output there is replaced anyway, so the demo can be run again
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ream_modifiers.evaluation import perplexity, read_jsonl_texts
     from ream_modifiers.tiny import build_tiny_moe
 
+    overwrite = overwrite or _previous_output(Path(output))
+    refuse_existing(Path(output), overwrite)
     with tempfile.TemporaryDirectory(prefix="ream-demo-model-") as scratch:
         model_dir = FIXTURE / "model"
         if not (model_dir / "config.json").is_file():
@@ -363,7 +431,13 @@ def _parser() -> argparse.ArgumentParser:
         "--text-field", default="text", help="text column of JSONL / HF data"
     )
     run.add_argument(
-        "--overwrite", action="store_true", help="replace an existing output"
+        "--overwrite", action="store_true", help="replace a non-empty output directory"
+    )
+    run.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run modelling code shipped with the model (off by default: only "
+        "for models whose code you trust)",
     )
     run.add_argument(
         "--no-calibrate-all-experts",
@@ -374,14 +448,51 @@ def _parser() -> argparse.ArgumentParser:
     show = commands.add_parser("demo", help="compress a small locally built MoE")
     show.add_argument("--output", default="demo-output")
     show.add_argument("--recipe", default="reap_w4a16")
+    show.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty output directory (an earlier demo output is "
+        "replaced anyway)",
+    )
+    verify = commands.add_parser(
+        "check",
+        help="check that a checkpoint has what vLLM needs (reads config.json and "
+        "safetensors headers only)",
+    )
+    verify.add_argument("directory", help="checkpoint directory")
     return parser
 
 
+def _check(directory: str) -> int:
+    from ream_modifiers.check import check_checkpoint
+
+    report = check_checkpoint(directory)
+    print(report.summary(), file=sys.stdout if report.ok else sys.stderr)
+    return 0 if report.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
+    from ream_modifiers.check import CheckpointCheckError
+
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
-    if args.command == "demo":
-        demo(args.output, args.recipe)
-        return 0
+    if args.command == "check":
+        return _check(args.directory)
+    try:
+        if args.command == "demo":
+            demo(args.output, args.recipe, overwrite=args.overwrite)
+            return 0
+        return _compress(args, command=shlex.join(["ream-compress", *argv]))
+    except CheckpointCheckError as error:
+        print(
+            f"error: the compressed checkpoint failed the check, so nothing was "
+            f"written to {args.output}:\n{error}",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _compress(args: argparse.Namespace, command: str) -> int:
     mix_sources = {}
     for item in args.mix_source:
         name, sep, path = item.partition("=")
@@ -404,6 +515,8 @@ def main(argv: list[str] | None = None) -> int:
         packing=args.packing,
         chat_template=args.chat_template,
         seed=args.seed,
+        trust_remote_code=args.trust_remote_code,
+        command=command,
     )
     return 0
 

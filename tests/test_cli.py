@@ -1,10 +1,38 @@
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
+import yaml
 from transformers import AutoModelForCausalLM
 
-from ream_modifiers.cli import SUMMARY_FILENAME, main
+from ream_modifiers.card import CARD_FILENAME
+from ream_modifiers.check import check_checkpoint
+from ream_modifiers.cli import REPO_ROOT, SUMMARY_FILENAME, main
+from ream_modifiers.plot import PLOT_FILENAME
 from ream_modifiers.saving import REPORT_FILENAME
+
+
+def _args(model, out, recipe="aimer_w4a16", *extra) -> list[str]:
+    return [
+        "compress",
+        recipe,
+        "--model",
+        str(model),
+        "--dataset",
+        "bundled",
+        "--num-samples",
+        "4",
+        "--max-seq-len",
+        "16",
+        "--output",
+        str(out),
+        *extra,
+    ]
 
 
 def test_compress_writes_a_complete_checkpoint(tiny_model_dir, tmp_path, capsys):
@@ -13,6 +41,7 @@ def test_compress_writes_a_complete_checkpoint(tiny_model_dir, tmp_path, capsys)
         "\n".join(json.dumps({"text": f"line {i} of some text"}) for i in range(20))
     )
     out = tmp_path / "out"
+    out.mkdir()  # an empty directory is not refused
     code = main(
         [
             "compress",
@@ -38,8 +67,36 @@ def test_compress_writes_a_complete_checkpoint(tiny_model_dir, tmp_path, capsys)
         "tokenizer.json",
         REPORT_FILENAME,
         SUMMARY_FILENAME,
+        CARD_FILENAME,
+        PLOT_FILENAME,
     ):
         assert (out / name).is_file(), name
+    assert (out / PLOT_FILENAME).read_bytes().startswith(b"\x89PNG")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.jsonl", "out"]
+    assert check_checkpoint(out).ok
+    report = json.loads((out / REPORT_FILENAME).read_text())[0]
+    for entry in report["layers"].values():
+        assert entry["decide_seconds"] >= 0 and entry["apply_seconds"] >= 0
+    card = (out / CARD_FILENAME).read_text()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["library_name"] == "transformers"
+    assert "base_model" not in meta  # a local path is no Hub ID
+    assert meta["tags"][:4] == ["moe", "expert-pruning", "aimer", "compressed-tensors"]
+    assert "w4a16" in meta["tags"]
+    for text in (
+        '"AIMER: Calibration-Free Task-Agnostic MoE Pruning" '
+        "([arXiv 2603.18492](https://arxiv.org/abs/2603.18492))",
+        "| routed experts per MoE layer | 8 | 6 |",
+        "- **Quantization:** W4A16, compressed-tensors format `pack-quantized`",
+        f"- **Calibration data:** 8 rows of `{data}`, up to 32 tokens each",
+        f"vllm serve {out}\n",
+        f'llm = LLM(model="{out}")',
+        "`ream-compress check` passed (qwen3_moe, 2 MoE layers x 6 experts, "
+        "pack-quantized)",
+        f"ream-compress compress aimer_w4a16 --model {tiny_model_dir('qwen3_moe')}",
+        f"![expert scores per layer]({PLOT_FILENAME})",
+    ):
+        assert text in card, text
     summary = json.loads((out / SUMMARY_FILENAME).read_text())
     assert summary["parameters_after"] < summary["parameters_before"]
     assert summary["gib_after"] < summary["gib_before"]
@@ -85,19 +142,12 @@ def test_unknown_recipe_and_existing_output(tmp_path):
                 str(tmp_path / "o"),
             ]
         )
-    with pytest.raises(SystemExit, match="exists; pass --overwrite"):
-        main(
-            [
-                "compress",
-                "reap_w4a16",
-                "--model",
-                "m",
-                "--dataset",
-                "bundled",
-                "--output",
-                str(tmp_path),
-            ]
-        )
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="exists and is not empty; pass --overwrite"):
+        main(_args("m", tmp_path))
+    with pytest.raises(SystemExit, match="exists and is not a directory"):
+        main(_args("m", tmp_path / "keep.txt", "aimer_w4a16", "--overwrite"))
+    assert (tmp_path / "keep.txt").read_text() == "mine"
 
 
 def test_compress_with_a_calibration_mix(tiny_model_dir, tmp_path):
@@ -105,9 +155,12 @@ def test_compress_with_a_calibration_mix(tiny_model_dir, tmp_path):
     code_dir.mkdir()
     (code_dir / "a.txt").write_text("def f(x):\n    return x * 2\n\n" * 20)
     out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an earlier run")
     main(
         [
             "compress",
+            "--overwrite",
             "ream_w4a16",
             "--model",
             str(tiny_model_dir("qwen3_moe")),
@@ -132,7 +185,76 @@ def test_compress_with_a_calibration_mix(tiny_model_dir, tmp_path):
     assert calibration["sources"]["code"] == str(code_dir)
     report = json.loads((out / REPORT_FILENAME).read_text())
     assert report[0]["method"] == "REAM"
+    assert not (out / "stale.txt").exists()  # --overwrite replaced the whole output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["code", "out"]
+    card = (out / CARD_FILENAME).read_text()
+    assert "- expert-merging\n" in card
+    assert "mix of code 4, general 2, math 2 rows" in card
     with pytest.raises(SystemExit, match="exactly one of --dataset and --mix"):
         main(
             ["compress", "ream_w4a16", "--model", "m", "--output", str(tmp_path / "x")]
         )
+
+
+def test_failed_check_leaves_no_output(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """
+    With ``num_experts`` in the base config (as in hub Qwen3-MoE configs),
+    llm-compressor's save reverts the count keys to 8; without our config patch
+    the check must stop the run before anything reaches the output path.
+    """
+    model = shutil.copytree(tiny_model_dir("qwen3_moe"), tmp_path / "model")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "num_experts": 8}))
+    monkeypatch.setattr("ream_modifiers.saving.patch_saved_config", lambda *a: None)
+    out = tmp_path / "out"
+    assert main(_args(model, out)) == 1
+    err = capsys.readouterr().err
+    assert f"failed the check, so nothing was written to {out}" in err
+    assert "[config-count] config.json num_local_experts: num_local_experts=8" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_remote_code_is_not_trusted_by_default(tiny_model_dir, tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_load(model, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop after loading")
+
+    monkeypatch.setattr("ream_modifiers.moe.load_moe_model", fake_load)
+    model = tiny_model_dir("qwen3_moe")
+    for extra, trusted in (((), False), (("--trust-remote-code",), True)):
+        with pytest.raises(RuntimeError, match="stop after loading"):
+            main(_args(model, tmp_path / "out", "aimer_w4a16", *extra))
+        assert seen["trust_remote_code"] is trusted
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_killed_run_leaves_no_output_and_a_rerun_succeeds(tiny_model_dir, tmp_path):
+    model = tiny_model_dir("qwen3_moe")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ream_modifiers.cli", *_args(model, out)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    staging = tmp_path / f".out.tmp-{process.pid}"
+    deadline = time.monotonic() + 600
+    try:
+        while not staging.exists():
+            assert process.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "the run never started writing"
+            time.sleep(0.02)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not out.exists()
+    assert staging.is_dir()  # killed mid-run: nothing cleaned up after it
+
+    assert main(_args(model, out)) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert check_checkpoint(out).ok
+    assert (out / CARD_FILENAME).is_file()

@@ -281,9 +281,11 @@ class ExpertReductionModifier(Modifier):
             box = [decision]
             dist.broadcast_object_list(box, src=0, group=self._group)
             decision = box[0]
+        decided = time.perf_counter()
         before = layer.num_experts
         self.apply(layer, decision)
-        seconds = time.perf_counter() - start
+        applied = time.perf_counter()
+        seconds = applied - start
         removed = sorted(set(range(before)) - set(decision.kept))
         entry = {
             "experts_before": before,
@@ -291,6 +293,9 @@ class ExpertReductionModifier(Modifier):
             "removed": removed,
             "scores": decision.scores,
             "seconds": round(seconds, 4),
+            # statistics reduction + decision, then the structural edit
+            "decide_seconds": round(decided - start, 4),
+            "apply_seconds": round(applied - decided, 4),
             **decision.extra,
         }
         if collector is not None:

@@ -82,6 +82,7 @@ def load_moe_model(
     model_id: str | os.PathLike,
     dtype: torch.dtype | str = "auto",
     use_load_context: bool | None = None,
+    trust_remote_code: bool = False,
     **kwargs,
 ) -> PreTrainedModel:
     """
@@ -97,6 +98,8 @@ def load_moe_model(
     :param dtype: torch dtype of the weights (``"auto"`` keeps the checkpoint's)
     :param use_load_context: force (True) or skip (False) ``load_context()``;
         by default it is used where available
+    :param trust_remote_code: run modelling code shipped with the checkpoint
+        (only for checkpoints you trust)
     :param kwargs: forwarded to ``from_pretrained``
     :raises ValueError: if checkpoint tensors are missing for model weights
     """
@@ -109,8 +112,12 @@ def load_moe_model(
         use_load_context = False
     if use_load_context is None:
         use_load_context = load_context_available()
+    kwargs["trust_remote_code"] = trust_remote_code
     if use_load_context:
-        model_type = text_config(AutoConfig.from_pretrained(model_id)).model_type
+        config = AutoConfig.from_pretrained(
+            model_id, trust_remote_code=trust_remote_code
+        )
+        model_type = text_config(config).model_type
         original_mapping = get_checkpoint_conversion_mapping(model_type)
         try:
             from llmcompressor.utils import load_context

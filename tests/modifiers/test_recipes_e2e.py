@@ -10,6 +10,7 @@ from llmcompressor.recipe import Recipe
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+from ream_modifiers.check import check_checkpoint
 from ream_modifiers.saving import REPORT_FILENAME
 from tests.conftest import MODEL_TYPES, NUM_SAMPLES, SEQ_LEN, sample_input_ids
 
@@ -58,6 +59,7 @@ def test_recipe_end_to_end(load_tiny, calibration, tmp_path, model_type, recipe)
     out = tmp_path / "out"
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    assert check_checkpoint(out).violations == []
 
     reloaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
@@ -135,6 +137,7 @@ def test_shared_expert_gate_stays_unquantized(load_tiny, calibration, tmp_path):
     )
     out = tmp_path / "out"
     model.save_pretrained(out)
+    assert check_checkpoint(out).violations == []
     names = _tensor_names(out)
     quant = json.loads((out / "config.json").read_text())["quantization_config"]
     for layer in ("model.layers.0", "model.layers.1"):
@@ -160,6 +163,9 @@ def test_ream_fp8_dynamic_recipe(load_tiny, calibration, tmp_path):
     )
     out = tmp_path / "out"
     model.save_pretrained(out)
+    report = check_checkpoint(out)
+    assert report.violations == []
+    assert report.quantization_format == "float-quantized"
     config = json.loads((out / "config.json").read_text())
     assert config["num_experts"] == 6
     weights = config["quantization_config"]["config_groups"]["group_0"]["weights"]

@@ -1,6 +1,13 @@
+import json
+import shutil
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
+from transformers.conversion_mapping import (
+    get_checkpoint_conversion_mapping,
+    register_checkpoint_conversion_mapping,
+)
 
 from ream_modifiers.moe import find_moe_layers, load_moe_model
 
@@ -88,3 +95,43 @@ def test_gpt_oss_saves_fused_like_the_hub(tiny_model_dir, tmp_path):
         torch.testing.assert_close(
             reloaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5
         )
+
+
+def _remote_code_model(source, target, marker):
+    """A copy of ``source`` whose config points at code that leaves ``marker``."""
+    shutil.copytree(source, target)
+    (target / "configuration_x.py").write_text(
+        "from pathlib import Path\n"
+        f"Path({str(marker)!r}).write_text('ran')\n"
+        "from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM\n\n\n"
+        "class XConfig(Qwen3MoeConfig):\n"
+        "    model_type = 'x_moe'\n\n\n"
+        "class XForCausalLM(Qwen3MoeForCausalLM):\n"
+        "    config_class = XConfig\n"
+    )
+    config = json.loads((target / "config.json").read_text())
+    config["model_type"] = "x_moe"
+    config["auto_map"] = {
+        "AutoConfig": "configuration_x.XConfig",
+        "AutoModelForCausalLM": "configuration_x.XForCausalLM",
+    }
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+@pytest.mark.parametrize("use_load_context", [True, False])
+def test_remote_code_runs_only_when_trusted(tiny_model_dir, tmp_path, use_load_context):
+    marker = tmp_path / "ran"
+    path = _remote_code_model(tiny_model_dir("qwen3_moe"), tmp_path / "m", marker)
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        load_moe_model(path, use_load_context=use_load_context)
+    assert not marker.exists()
+    if use_load_context:
+        return  # the trusted path is the same for both after the config
+    register_checkpoint_conversion_mapping(
+        "x_moe", get_checkpoint_conversion_mapping("qwen3_moe"), overwrite=True
+    )
+    model = load_moe_model(path, use_load_context=False, trust_remote_code=True)
+    assert marker.read_text() == "ran"
+    assert type(model).__name__ == "XForCausalLM"
+    assert find_moe_layers(model)[0].num_experts == 8

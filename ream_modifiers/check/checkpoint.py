@@ -1,0 +1,105 @@
+"""The checker: read the layout, apply every rule."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ream_modifiers.check.layout import find_blocks, read_shapes
+from ream_modifiers.check.quantization import check_quantization
+from ream_modifiers.check.report import CheckReport
+from ream_modifiers.check.structure import (
+    check_complete,
+    check_config_counts,
+    check_router,
+    check_routing,
+    check_shapes,
+    check_uniform,
+)
+from ream_modifiers.moe.architectures import ARCHITECTURES, MoEArchSpec, detect_spec
+
+__all__ = ["check_checkpoint"]
+
+
+def check_checkpoint(path: str | Path) -> CheckReport:
+    """
+    Check a saved MoE checkpoint against what vLLM requires, reading only
+    ``config.json`` and the safetensors headers.
+
+    :param path: the checkpoint directory
+    :return: the report; ``report.ok`` is False when any rule is broken
+    """
+    directory = Path(path)
+    report = CheckReport(directory)
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        report.add(
+            "no-config",
+            str(config_path),
+            "config.json is missing",
+            "save the model with save_pretrained",
+        )
+        return report
+    config = json.loads(config_path.read_text())
+    nested = isinstance(config.get("text_config"), dict)
+    text = config["text_config"] if nested else config
+    prefix = "text_config." if nested else ""
+    report.model_type = text.get("model_type")
+    spec = _spec(text, report)
+    if spec is None:
+        return report
+    shapes = read_shapes(directory, report)
+    blocks, fused = find_blocks(shapes, spec)
+    if fused:
+        report.add(
+            "fused-experts",
+            fused[0],
+            f"{len(fused)} fused expert tensors (e.g. {fused[0]}); vLLM and "
+            "compressed-tensors expect per-expert "
+            f"{spec.experts_attr}.{{i}}.<proj>.weight tensors",
+            "load the model with ream_modifiers.moe.load_moe_model (per-expert "
+            "Linear modules) before compressing, and save with transformers' "
+            "default save_original_format=True",
+        )
+    if not any(block.experts for block in blocks.values()):
+        if not fused:
+            report.add(
+                "no-experts",
+                str(directory),
+                f"no per-expert tensors <block>.{spec.experts_attr}.<i>.<proj>."
+                f"<param> found for model_type {spec.model_type!r}",
+                "check that this is the MoE checkpoint that was compressed",
+            )
+        return report
+    report.experts_per_layer = {b.name: b.count for b in blocks.values()}
+    check_uniform(report, blocks)
+    check_shapes(report, blocks)
+    for block in blocks.values():
+        check_complete(report, block, spec)
+        check_router(report, block, spec, text)
+    counts = set(report.experts_per_layer.values())
+    if len(counts) == 1:
+        count = counts.pop()
+        check_config_counts(report, spec, text, prefix, count)
+        check_routing(report, spec, text, prefix, count)
+    check_quantization(report, config, blocks, shapes, spec)
+    return report
+
+
+def _spec(text: dict[str, Any], report: CheckReport) -> MoEArchSpec | None:
+    spec = ARCHITECTURES.get(text.get("model_type"))
+    if spec is not None:
+        return spec
+    from transformers import PretrainedConfig
+
+    try:
+        return detect_spec(PretrainedConfig.from_dict(text))
+    except ValueError as error:
+        report.add(
+            "not-moe",
+            "config.json model_type",
+            str(error),
+            "check an MoE checkpoint, or add its family to the architecture table",
+        )
+        return None

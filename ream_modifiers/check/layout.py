@@ -1,0 +1,163 @@
+"""
+A checkpoint's MoE layout from its safetensors headers (and index) alone: per
+block, the per-expert tensors, the router and the block's own parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ream_modifiers.check.report import CheckReport
+from ream_modifiers.moe.architectures import MoEArchSpec
+
+__all__ = [
+    "INDEX_FILENAME",
+    "QUANT_PARAMS",
+    "MoEBlock",
+    "StoredTensor",
+    "find_blocks",
+    "read_shapes",
+]
+
+INDEX_FILENAME = "model.safetensors.index.json"
+# parameters that only a quantized module stores
+QUANT_PARAMS = frozenset(
+    {
+        "weight_packed",
+        "weight_scale",
+        "weight_shape",
+        "weight_zero_point",
+        "weight_global_scale",
+        "weight_g_idx",
+    }
+)
+
+
+@dataclass
+class StoredTensor:
+    disk: str  # the name in the checkpoint
+    shape: tuple[int, ...]
+
+
+@dataclass
+class MoEBlock:
+    """One MoE block's tensors: experts[index][projection][parameter]."""
+
+    name: str  # the block's name as stored
+    experts: dict[int, dict[str, dict[str, StoredTensor]]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(dict))
+    )
+    router: dict[str, StoredTensor] = field(default_factory=dict)
+    block_params: dict[str, StoredTensor] = field(default_factory=dict)
+    gate_module: str | None = None  # stored name of the shared-expert gate
+
+    @property
+    def count(self) -> int:
+        return max(self.experts) + 1 if self.experts else 0
+
+
+def read_shapes(directory: Path, report: CheckReport) -> dict[str, tuple[int, ...]]:
+    """Every tensor name and shape, from the safetensors headers."""
+    from safetensors import safe_open
+
+    index_path = directory / INDEX_FILENAME
+    weight_map: dict[str, str] | None = None
+    if index_path.is_file():
+        weight_map = json.loads(index_path.read_text()).get("weight_map", {})
+        files = sorted({directory / name for name in weight_map.values()})
+    else:
+        files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        report.add(
+            "no-weights",
+            str(directory),
+            "no *.safetensors files",
+            "save the model with save_pretrained (safe_serialization is the default)",
+        )
+    shapes: dict[str, tuple[int, ...]] = {}
+    stored_in: dict[str, str] = {}
+    for file in files:
+        if not file.is_file():
+            report.add(
+                "missing-shard",
+                file.name,
+                f"{INDEX_FILENAME} lists {file.name}, which does not exist",
+                "copy the missing shard or save the checkpoint again",
+            )
+            continue
+        with safe_open(file, "pt") as handle:
+            for name in handle.keys():
+                shapes[name] = tuple(handle.get_slice(name).get_shape())
+                stored_in[name] = file.name
+    for name, file in (weight_map or {}).items():
+        if (directory / file).is_file() and stored_in.get(name) != file:
+            report.add(
+                "index-mismatch",
+                name,
+                f"{INDEX_FILENAME} maps it to {file}, which does not hold it",
+                "save the checkpoint again; a sharded copy is incomplete",
+            )
+    return shapes
+
+
+def _to_memory(name: str, spec: MoEArchSpec) -> str:
+    """The in-memory (linearized) name of a stored tensor (undo hub renames)."""
+    for disk, memory in spec.linear_save_renames:
+        name = re.sub(disk, memory, name)
+    return name
+
+
+def find_blocks(
+    shapes: dict[str, tuple[int, ...]], spec: MoEArchSpec
+) -> tuple[dict[str, MoEBlock], list[str]]:
+    """MoE blocks keyed by in-memory name, and fused expert tensors found."""
+    experts = re.escape(spec.experts_attr)
+    expert_re = re.compile(
+        rf"^(?P<block>.+)\.{experts}\.(?P<index>\d+)\.(?P<proj>[^.]+)\.(?P<param>[^.]+)$"
+    )
+    fused_re = re.compile(rf"^.+\.{experts}\.\w*(gate_up|up|down|gate)_proj\w*$")
+    router_re = re.compile(
+        rf"^(?P<block>.+)\.{re.escape(spec.router_attr)}\.(?P<param>[^.]+)$"
+    )
+    blocks: dict[str, MoEBlock] = {}
+    fused: list[str] = []
+    routers: list[tuple[str, str, StoredTensor]] = []
+    others: list[tuple[str, StoredTensor]] = []
+    for disk, shape in shapes.items():
+        memory = _to_memory(disk, spec)
+        tensor = StoredTensor(disk, shape)
+        if match := expert_re.match(memory):
+            stored = disk[: disk.rindex(f".{spec.experts_attr}.{match['index']}.")]
+            block = blocks.setdefault(match["block"], MoEBlock(stored))
+            block.experts[int(match["index"])][match["proj"]][match["param"]] = tensor
+        elif fused_re.match(memory):
+            fused.append(disk)
+        elif match := router_re.match(memory):
+            routers.append((match["block"], match["param"], tensor))
+        else:
+            others.append((memory, tensor))
+    # a router whose experts are all gone still marks an MoE block
+    suffixes = {name.rsplit(".", 1)[-1] for name in blocks}
+    for name, param, tensor in routers:
+        if name in blocks or name.rsplit(".", 1)[-1] in suffixes:
+            stored = tensor.disk[: tensor.disk.rindex(f".{param}")]
+            stored = stored[: stored.rindex(".")]
+            blocks.setdefault(name, MoEBlock(stored)).router[param] = tensor
+    gate = spec.shared_expert_gate_attr
+    for memory, tensor in others:
+        block_name, _, param = memory.rpartition(".")
+        if block_name in blocks:
+            blocks[block_name].block_params[param] = tensor
+        elif gate and block_name.endswith(f".{gate}"):
+            owner = blocks.get(block_name.removesuffix(f".{gate}"))
+            if owner is not None:
+                owner.gate_module = tensor.disk.rsplit(".", 1)[0]
+    return dict(sorted(blocks.items(), key=lambda kv: natural_key(kv[0]))), fused
+
+
+def natural_key(name: str) -> list:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]

@@ -1,0 +1,122 @@
+"""
+All-or-nothing output directories.
+
+A run writes into ``.<name>.tmp-<pid>`` beside the target, in the same parent, so
+the final rename is atomic on one filesystem; the target therefore holds either
+the previous complete output or the new one, never a half-written one. Staging
+directories left by killed runs are recognised by the dead pid in their name and
+removed by the next run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from loguru import logger
+
+__all__ = ["refuse_existing", "staging_dir", "remove_stale", "staged_output"]
+
+_KINDS = ("tmp", "old")  # staging, and a replaced output awaiting deletion
+
+
+def refuse_existing(target: Path, overwrite: bool) -> None:
+    """
+    :raises SystemExit: if ``target`` is a file, or a non-empty directory and
+        ``overwrite`` is False
+    """
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise SystemExit(f"error: {target} exists and is not a directory")
+    if not overwrite and any(target.iterdir()):
+        raise SystemExit(
+            f"error: {target} exists and is not empty; pass --overwrite to replace it"
+        )
+
+
+def staging_dir(target: Path, kind: str = "tmp", pid: int | None = None) -> Path:
+    """``.<name>.<kind>-<pid>`` beside ``target``."""
+    pid = os.getpid() if pid is None else pid
+    return target.parent / f".{target.name}.{kind}-{pid}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale(target: Path) -> list[Path]:
+    """
+    Remove the staging directories of ``target`` whose process is gone (or is
+    this process: a previous call here was interrupted). A previous output moved
+    aside by such a process is put back if ``target`` is missing.
+
+    :return: the directories removed
+    """
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    for path in target.parent.iterdir():
+        for kind in _KINDS:
+            prefix = f".{target.name}.{kind}-"
+            suffix = path.name.removeprefix(prefix)
+            if path.name == suffix or not suffix.isdigit():
+                continue
+            pid = int(suffix)
+            if pid != os.getpid() and _alive(pid):
+                logger.warning(f"{path} belongs to running process {pid}; left alone")
+                continue
+            if kind == "old" and not target.exists():
+                # killed between moving the old output aside and the new one in
+                logger.warning(f"Restoring {target} from {path}")
+                os.replace(path, target)
+                continue
+            logger.info(f"Removing {path}, left by interrupted process {pid}")
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _publish(staging: Path, target: Path, overwrite: bool) -> None:
+    # something may have been written to the target while this run worked
+    refuse_existing(target, overwrite)
+    old = None
+    if target.exists():
+        old = staging_dir(target, "old")
+        os.replace(target, old)
+    os.replace(staging, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def staged_output(target: Path, overwrite: bool = False) -> Iterator[Path]:
+    """
+    Yield an empty staging directory beside ``target``; when the block ends
+    without an exception, rename it to ``target`` (replacing an existing output
+    only with ``overwrite``). On any exception the staging directory is removed
+    and ``target`` is left as it was.
+
+    :param target: the final output directory
+    :param overwrite: replace a non-empty ``target``
+    """
+    target = Path(target).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(target)
+    staging = staging_dir(target)
+    staging.mkdir()
+    try:
+        yield staging
+        _publish(staging, target, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
