@@ -204,45 +204,66 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
     if args.child:
         child(args)
         return
-    result = {
-        **header(args),
-        "model": {
-            "layers": args.layers,
-            "hidden": args.hidden,
-            "expert_width": args.width,
-            "top_k": args.top_k,
-            "dtype": "float32",
-        },
-        "by_experts": [],
-        "by_tokens": [],
-    }
+    output = RESULTS / "scale.json"
+    rows = []
+    if args.resume and output.is_file():
+        rows = json.loads(output.read_text())["rows"]
     largest = max(args.experts)
+    wanted = [(e, 1, True) for e in sorted(args.experts)]
+    wanted += [(largest, m, True) for m in sorted(args.token_multipliers) if m != 1]
+    wanted += [(largest, 1, False)]  # REAM alone, to split REAM from GPTQ
+
+    def key(row: dict) -> tuple:
+        return row["experts"], row["token_multiplier"], row["gptq"]
+
+    def save() -> dict:
+        done = {key(r): r for r in rows}
+        result = {
+            **header(args),
+            "model": {
+                "layers": args.layers,
+                "hidden": args.hidden,
+                "expert_width": args.width,
+                "top_k": args.top_k,
+                "dtype": "float32",
+            },
+            "rows": rows,
+            "complete": all(w in done for w in wanted),
+            "by_experts": [done[w] for w in wanted if w[1:] == (1, True) and w in done],
+            "by_tokens": [
+                done[k]
+                for k in sorted(done)
+                if k[0] == largest and k[2] and k[1] in args.token_multipliers
+            ],
+            "ream_only_largest": done.get((largest, 1, False)),
+        }
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result, indent=2) + "\n")
+        return result
+
     with tempfile.TemporaryDirectory() as tmp:
         for experts in sorted(args.experts):
+            todo = [w for w in wanted if w[0] == experts]
+            todo = [w for w in todo if w not in {key(r) for r in rows}]
+            if not todo:
+                continue
             model_dir = Path(tmp) / f"e{experts}"
             build_model(model_dir, experts, args)
-            multipliers = args.token_multipliers if experts == largest else [1]
-            for multiplier in sorted(multipliers):
-                row = {"experts": experts, "token_multiplier": multiplier}
-                row.update(run_child(model_dir, multiplier, args))
+            for _, multiplier, gptq in todo:
+                row = {"experts": experts, "token_multiplier": multiplier, "gptq": gptq}
+                row.update(run_child(model_dir, multiplier, args, no_gptq=not gptq))
+                rows.append(row)
                 print(json.dumps(row), flush=True)
-                if multiplier == 1:
-                    result["by_experts"].append(row)
-                if experts == largest:
-                    result["by_tokens"].append(row)
-            if experts == largest:
-                row = {"experts": experts, "token_multiplier": 1, "gptq": False}
-                row.update(run_child(model_dir, 1, args, no_gptq=True))
-                result["ream_only_largest"] = row
-                print(json.dumps(row), flush=True)
+                save()
             shutil.rmtree(model_dir)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "scale.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, RESULTS / "scale.png")
+    result = save()
+    if result["complete"]:
+        plot(result, RESULTS / "scale.png")
 
 
 if __name__ == "__main__":
