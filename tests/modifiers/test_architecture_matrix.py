@@ -21,6 +21,7 @@ from llmcompressor.modifiers.quantization import GPTQModifier
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+from ream_modifiers.check import check_checkpoint
 from ream_modifiers.modifiers import (
     AIMERModifier,
     DERNModifier,
@@ -32,7 +33,6 @@ from ream_modifiers.modifiers import (
     REAMModifier,
     REAPModifier,
 )
-from ream_modifiers.check import check_checkpoint
 from ream_modifiers.moe import MoEModelError, find_moe_layers
 from ream_modifiers.moe.architectures import ARCHITECTURES, MoEArchSpec
 from ream_modifiers.moe.conversions import per_expert_checkpoints
