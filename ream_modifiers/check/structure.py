@@ -40,25 +40,28 @@ def check_uniform(report: CheckReport, blocks: dict[str, MoEBlock]) -> None:
 
 
 def check_shapes(report: CheckReport, blocks: dict[str, MoEBlock]) -> None:
-    """vLLM stacks every layer's experts into one tensor: one shape per tensor."""
-    tensors: dict[str, list[StoredTensor]] = defaultdict(list)
+    """
+    vLLM stacks every layer's experts into one tensor: one shape per expert
+    tensor (fused tensors: past the expert dim, which check_uniform covers).
+    """
+    tensors: dict[str, list[tuple[StoredTensor, tuple[int, ...]]]] = defaultdict(list)
     for block in blocks.values():
         for projections in block.experts.values():
             for proj, params in projections.items():
                 for param, tensor in params.items():
-                    tensors[f"{proj}.{param}"].append(tensor)
+                    tensors[f"{proj}.{param}"].append((tensor, tensor.shape))
         for name, tensor in block.fused.items():
-            tensors[name].append(tensor)
+            tensors[name].append((tensor, tensor.shape[1:]))
     for label, found in tensors.items():
-        common = Counter(t.shape for t in found).most_common(1)[0][0]
-        odd = [t for t in found if t.shape != common]
+        common = Counter(shape for _, shape in found).most_common(1)[0][0]
+        odd = [(t, shape) for t, shape in found if shape != common]
         if not odd:
             continue
         report.add(
             "expert-shape",
-            odd[0].disk,
+            odd[0][0].disk,
             f"{len(odd)} {label} tensor(s) differ from the common shape "
-            f"{list(common)} (this one is {list(odd[0].shape)}); vLLM stacks all "
+            f"{list(common)} (this one is {list(odd[0][1])}); vLLM stacks all "
             "experts into one tensor per layer, sized from config.json",
             "merge or recombine experts back to the original width "
             "(moe_intermediate_size) before saving",
@@ -181,7 +184,9 @@ def check_router(
             why = f"vLLM always creates and loads {spec.model_type}'s"
         else:
             key, value = spec.bias_required_when
-            why = f"config.json has {key}={value!r}, for which vLLM creates and loads"
+            why = (
+                f"config.json has {key}={value!r}, for which vLLM creates and loads the"
+            )
         report.add(
             "missing-correction-bias",
             f"{block.name}.{spec.hub_bias}",
