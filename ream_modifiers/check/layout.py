@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,10 +63,12 @@ class MoEBlock:
 
     @property
     def count(self) -> int:
-        """Experts stored: highest index + 1, else the fused tensors' first dim."""
+        """Experts stored: highest index + 1, else the fused tensors' first dim
+        (the most common one, should they disagree)."""
         if self.experts:
             return max(self.experts) + 1
-        return min((t.shape[0] for t in self.fused.values() if t.shape), default=0)
+        counts = Counter(t.shape[0] for t in self.fused.values() if t.shape)
+        return counts.most_common(1)[0][0] if counts else 0
 
 
 def read_shapes(directory: Path, report: CheckReport) -> dict[str, tuple[int, ...]]:

@@ -133,7 +133,7 @@ def check_fused(report: CheckReport, block: MoEBlock, spec: MoEArchSpec) -> None
                 "expert-shape",
                 tensor.disk,
                 f"stores {tensor.shape[0] if tensor.shape else 0} experts along "
-                f"dim 0, other fused tensors of the layer {block.count}",
+                f"dim 0, the layer's other fused tensors {block.count}",
                 "slice every fused expert tensor with the same kept experts "
                 "(ream_modifiers.moe.keep_experts does)",
             )

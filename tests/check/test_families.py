@@ -90,6 +90,20 @@ def test_gpt_oss_expert_count_comes_from_the_fused_tensors(tiny_model_dir, tmp_p
     }
 
 
+def test_gpt_oss_fused_tensor_with_another_expert_count(tiny_model_dir, tmp_path):
+    name = "model.layers.1.mlp.experts.gate_up_proj_bias"
+
+    def cut(state: dict) -> None:
+        state[name] = state[name][:7].contiguous()
+
+    report = check_checkpoint(edited(tiny_model_dir("gpt_oss"), tmp_path / "b", cut))
+    assert report.codes == ["expert-shape"]
+    assert report.violations[0].where == name
+    assert report.violations[0].message == (
+        "stores 7 experts along dim 0, the layer's other fused tensors 8"
+    )
+
+
 def test_gpt_oss_fused_tensor_outside_the_layout(tiny_model_dir, tmp_path):
     def add_blocks(state: dict) -> None:
         state["model.layers.0.mlp.experts.gate_up_proj_blocks"] = torch.zeros(8, 1)
