@@ -134,9 +134,15 @@ TINY_CONFIGS["glm4_moe"] = dict(
     routed_scaling_factor=2.5,
     norm_topk_prob=True,
 )
-# dots1: DeepSeek-V3's router with grouped experts and Qwen-style attention.
+# dots1: DeepSeek-V3's router with grouped experts and Qwen-style attention. The
+# hub config's `topk_method` is what makes vLLM create the correction bias.
 TINY_CONFIGS["dots1"] = dict(
-    TINY_CONFIGS["glm4_moe"], n_group=2, topk_group=1, routed_scaling_factor=1.0
+    TINY_CONFIGS["glm4_moe"],
+    n_group=2,
+    topk_group=1,
+    routed_scaling_factor=1.0,
+    topk_method="noaux_tc",
+    scoring_func="sigmoid",
 )
 # ERNIE-4.5: softmax, selection bias in ``gate.moe_statics``, MoE from layer 1.
 TINY_CONFIGS["ernie4_5_moe"] = dict(
@@ -151,13 +157,16 @@ TINY_CONFIGS["ernie4_5_moe"] = dict(
     moe_layer_end_index=2,
     moe_layer_interval=1,
 )
-# MiniMax-M2: sigmoid routing with a selection bias on the MoE block.
+# MiniMax-M2: sigmoid routing with a selection bias on the MoE block. vLLM reads
+# the hub config's `scoring_func` and creates the bias only for `use_routing_bias`.
 TINY_CONFIGS["minimax_m2"] = dict(
     _COMMON,
     num_hidden_layers=2,
     intermediate_size=128,
     num_local_experts=8,
     num_experts_per_tok=2,
+    scoring_func="sigmoid",
+    use_routing_bias=True,
 )
 # Hunyuan-MoE: router is ``gate.wg`` (an nn.Linear), an always-on shared MLP.
 TINY_CONFIGS["hunyuan_v1_moe"] = dict(

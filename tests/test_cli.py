@@ -104,6 +104,30 @@ def test_compress_writes_a_complete_checkpoint(tiny_model_dir, tmp_path, capsys)
     assert model.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 6
 
 
+def test_compress_and_check_fused_gpt_oss(tiny_model_dir, tmp_path, capsys):
+    """
+    Unquantized gpt-oss is saved fused like the hub; both the check the CLI runs
+    before publishing and ``ream-compress check`` accept that layout.
+    """
+    from safetensors import safe_open
+
+    recipe = tmp_path / "aimer.yaml"
+    recipe.write_text(
+        "aimer_stage:\n  aimer_modifiers:\n    AIMERModifier:\n      sparsity: 0.25\n"
+    )
+    out = tmp_path / "out"
+    assert main(_args(tiny_model_dir("gpt_oss"), out, str(recipe))) == 0
+    capsys.readouterr()
+    assert main(["check", str(out)]) == 0
+    assert capsys.readouterr().out.startswith(
+        f"OK {out}: gpt_oss, 2 MoE layers x 6 experts, unquantized"
+    )
+    with safe_open(out / "model.safetensors", "pt") as handle:
+        shape = handle.get_slice("model.layers.1.mlp.experts.gate_up_proj").get_shape()
+        assert not any(".experts.0." in name for name in handle.keys())
+    assert shape == [6, 128, 256]
+
+
 def test_failed_run_leaves_no_output(tiny_model_dir, tmp_path):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("s_stage:\n  s_modifiers:\n    REAPModifier: {num_experts: 1}\n")

@@ -12,6 +12,7 @@ from ream_modifiers.check.report import CheckReport
 from ream_modifiers.check.structure import (
     check_complete,
     check_config_counts,
+    check_fused,
     check_router,
     check_routing,
     check_shapes,
@@ -52,17 +53,8 @@ def check_checkpoint(path: str | Path) -> CheckReport:
     shapes = read_shapes(directory, report)
     blocks, fused = find_blocks(shapes, spec)
     if fused:
-        report.add(
-            "fused-experts",
-            fused[0],
-            f"{len(fused)} fused expert tensors (e.g. {fused[0]}); vLLM and "
-            "compressed-tensors expect per-expert "
-            f"{spec.experts_attr}.{{i}}.<proj>.weight tensors",
-            "load the model with ream_modifiers.moe.load_moe_model (per-expert "
-            "Linear modules) before compressing, and save with transformers' "
-            "default save_original_format=True",
-        )
-    if not any(block.experts for block in blocks.values()):
+        _report_fused(report, fused, spec)
+    if not any(block.experts or block.fused for block in blocks.values()):
         if not fused:
             report.add(
                 "no-experts",
@@ -76,6 +68,7 @@ def check_checkpoint(path: str | Path) -> CheckReport:
     check_uniform(report, blocks)
     check_shapes(report, blocks)
     for block in blocks.values():
+        check_fused(report, block, spec)
         check_complete(report, block, spec)
         check_router(report, block, spec, text)
     counts = set(report.experts_per_layer.values())
@@ -85,6 +78,26 @@ def check_checkpoint(path: str | Path) -> CheckReport:
         check_routing(report, spec, text, prefix, count)
     check_quantization(report, config, blocks, shapes, spec)
     return report
+
+
+def _report_fused(report: CheckReport, fused: list[str], spec: MoEArchSpec) -> None:
+    """Fused expert tensors outside the family's on-disk layout."""
+    if spec.fused_experts:
+        expected = ", ".join(f"{spec.experts_attr}.{n}" for n in spec.fused_experts)
+        layout = f"{spec.model_type} stores its experts fused only as {expected}"
+    else:
+        layout = (
+            f"vLLM and compressed-tensors expect {spec.model_type}'s experts as "
+            f"per-expert {spec.experts_attr}.{{i}}.<proj>.weight tensors"
+        )
+    report.add(
+        "fused-experts",
+        fused[0],
+        f"{len(fused)} fused expert tensors (e.g. {fused[0]}); {layout}",
+        "load the model with ream_modifiers.moe.load_moe_model (per-expert "
+        "Linear modules) before compressing, and save it with save_pretrained "
+        "(which writes the family's hub layout)",
+    )
 
 
 def _spec(text: dict[str, Any], report: CheckReport) -> MoEArchSpec | None:

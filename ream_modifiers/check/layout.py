@@ -1,13 +1,14 @@
 """
 A checkpoint's MoE layout from its safetensors headers (and index) alone: per
-block, the per-expert tensors, the router and the block's own parameters.
+block, the per-expert tensors (or the fused ones of a family whose hub layout is
+fused), the router, the score-correction bias and the block's own parameters.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,19 +46,29 @@ class StoredTensor:
 
 @dataclass
 class MoEBlock:
-    """One MoE block's tensors: experts[index][projection][parameter]."""
+    """
+    One MoE block's tensors: ``experts[index][projection][parameter]``, or
+    ``fused[name]`` for the family's fused layout (expert index first).
+    """
 
     name: str  # the block's name as stored
     experts: dict[int, dict[str, dict[str, StoredTensor]]] = field(
         default_factory=lambda: defaultdict(lambda: defaultdict(dict))
     )
+    fused: dict[str, StoredTensor] = field(default_factory=dict)
     router: dict[str, StoredTensor] = field(default_factory=dict)
+    bias: StoredTensor | None = None  # the score-correction bias
     block_params: dict[str, StoredTensor] = field(default_factory=dict)
     gate_module: str | None = None  # stored name of the shared-expert gate
 
     @property
     def count(self) -> int:
-        return max(self.experts) + 1 if self.experts else 0
+        """Experts stored: highest index + 1, else the fused tensors' first dim
+        (the most common one, should they disagree)."""
+        if self.experts:
+            return max(self.experts) + 1
+        counts = Counter(t.shape[0] for t in self.fused.values() if t.shape)
+        return counts.most_common(1)[0][0] if counts else 0
 
 
 def read_shapes(directory: Path, report: CheckReport) -> dict[str, tuple[int, ...]]:
@@ -114,18 +125,29 @@ def _to_memory(name: str, spec: MoEArchSpec) -> str:
 def find_blocks(
     shapes: dict[str, tuple[int, ...]], spec: MoEArchSpec
 ) -> tuple[dict[str, MoEBlock], list[str]]:
-    """MoE blocks keyed by in-memory name, and fused expert tensors found."""
+    """
+    MoE blocks keyed by in-memory name, and the fused expert tensors that are
+    not part of the family's layout (:attr:`MoEArchSpec.fused_experts`).
+    """
     experts = re.escape(spec.experts_attr)
     expert_re = re.compile(
         rf"^(?P<block>.+)\.{experts}\.(?P<index>\d+)\.(?P<proj>[^.]+)\.(?P<param>[^.]+)$"
     )
-    fused_re = re.compile(rf"^.+\.{experts}\.\w*(gate_up|up|down|gate)_proj\w*$")
+    fused_re = re.compile(
+        rf"^(?P<block>.+)\.{experts}\.(?P<name>\w*(gate_up|up|down|gate)_proj\w*)$"
+    )
     router_re = re.compile(
         rf"^(?P<block>.+)\.{re.escape(spec.router_attr)}\.(?P<param>[^.]+)$"
     )
+    bias_re = (
+        re.compile(rf"^(?P<block>.+)\.{re.escape(spec.hub_bias)}$")
+        if spec.hub_bias
+        else None
+    )
     blocks: dict[str, MoEBlock] = {}
-    fused: list[str] = []
+    unexpected: list[str] = []
     routers: list[tuple[str, str, StoredTensor]] = []
+    biases: list[tuple[str, StoredTensor]] = []
     others: list[tuple[str, StoredTensor]] = []
     for disk, shape in shapes.items():
         memory = _to_memory(disk, spec)
@@ -134,19 +156,34 @@ def find_blocks(
             stored = disk[: disk.rindex(f".{spec.experts_attr}.{match['index']}.")]
             block = blocks.setdefault(match["block"], MoEBlock(stored))
             block.experts[int(match["index"])][match["proj"]][match["param"]] = tensor
-        elif fused_re.match(memory):
-            fused.append(disk)
+        elif match := fused_re.match(memory):
+            if match["name"] not in spec.fused_experts:
+                unexpected.append(disk)
+                continue
+            stored = disk[: disk.rindex(f".{spec.experts_attr}.")]
+            block = blocks.setdefault(match["block"], MoEBlock(stored))
+            block.fused[match["name"]] = tensor
+        elif bias_re is not None and (match := bias_re.match(memory)):
+            biases.append((match["block"], tensor))
         elif match := router_re.match(memory):
             routers.append((match["block"], match["param"], tensor))
         else:
             others.append((memory, tensor))
     # a router whose experts are all gone still marks an MoE block
     suffixes = {name.rsplit(".", 1)[-1] for name in blocks}
-    for name, param, tensor in routers:
+
+    def owner(name: str, disk: str, path: str) -> MoEBlock | None:
         if name in blocks or name.rsplit(".", 1)[-1] in suffixes:
-            stored = tensor.disk[: tensor.disk.rindex(f".{param}")]
-            stored = stored[: stored.rindex(".")]
-            blocks.setdefault(name, MoEBlock(stored)).router[param] = tensor
+            return blocks.setdefault(name, MoEBlock(disk[: -len(path) - 1]))
+        return None
+
+    for name, param, tensor in routers:
+        path = f"{spec.router_attr}.{param}"
+        if (block := owner(name, tensor.disk, path)) is not None:
+            block.router[param] = tensor
+    for name, tensor in biases:
+        if (block := owner(name, tensor.disk, spec.hub_bias or "")) is not None:
+            block.bias = tensor
     gate = spec.shared_expert_gate_attr
     for memory, tensor in others:
         block_name, _, param = memory.rpartition(".")
@@ -156,7 +193,8 @@ def find_blocks(
             owner = blocks.get(block_name.removesuffix(f".{gate}"))
             if owner is not None:
                 owner.gate_module = tensor.disk.rsplit(".", 1)[0]
-    return dict(sorted(blocks.items(), key=lambda kv: natural_key(kv[0]))), fused
+    ordered = dict(sorted(blocks.items(), key=lambda kv: natural_key(kv[0])))
+    return ordered, unexpected
 
 
 def natural_key(name: str) -> list:

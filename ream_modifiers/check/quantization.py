@@ -31,6 +31,11 @@ def _match(name: str, target: str) -> bool:
     return target == name
 
 
+def _router_pattern(spec: MoEArchSpec, router: str) -> str:
+    """The family's default ignore pattern that covers ``router``, else its name."""
+    return next((p for p in spec.quantization_ignore if _match(router, p)), router)
+
+
 def _is_name_target(target: str) -> bool:
     return target.startswith("re:") or "." in target
 
@@ -105,14 +110,12 @@ def check_quantization(
         return groups[name].get("format") or fmt
 
     # routers and shared-expert gates: never quantized, routers always ignored
-    pattern = next(
-        (p for p in spec.quantization_ignore if p.startswith("re:")), "lm_head"
-    )
     for block in blocks.values():
         if not block.router:
             continue
         any_param = next(iter(block.router.values()))
         router = any_param.disk[: any_param.disk.rindex(".")]
+        pattern = _router_pattern(spec, router)
         for module in [router] + ([block.gate_module] if block.gate_module else []):
             packed = sorted(modules[module] & QUANT_PARAMS)
             if packed:
@@ -161,6 +164,22 @@ def check_quantization(
             )
     # experts the config says are quantized must be stored quantized
     for block in blocks.values():
+        if block.fused:
+            # compressed-tensors names (and vLLM matches) experts per expert
+            module = f"{block.name}.{spec.experts_attr}.0.{spec.hub_projections[0]}"
+            group = None if ignored(module) else _group_for(groups, module, True)
+            if group is not None:
+                report.add(
+                    "unquantized-experts",
+                    block.name,
+                    f"fused expert tensors ({', '.join(sorted(block.fused))}) are "
+                    f"stored unquantized, but config_groups.{group} "
+                    f"({group_format(group)}) targets the experts; vLLM would "
+                    "look for per-expert quantized tensors",
+                    "quantize the experts (they are saved per expert then) or "
+                    "list them in quantization_config.ignore",
+                )
+            continue
         plain = []
         for projections in block.experts.values():
             for params in projections.values():

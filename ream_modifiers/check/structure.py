@@ -1,6 +1,7 @@
 """
-Rules on the MoE structure: uniform, complete expert sets of one shape, routers
-sized to match, config counts, group divisibility and reachable top-k.
+Rules on the MoE structure: uniform, complete expert sets of one shape in the
+family's on-disk layout, routers and biases sized to match, config counts, group
+divisibility and reachable top-k.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from ream_modifiers.moe.architectures import MoEArchSpec
 __all__ = [
     "check_complete",
     "check_config_counts",
+    "check_fused",
     "check_router",
     "check_routing",
     "check_shapes",
@@ -38,23 +40,28 @@ def check_uniform(report: CheckReport, blocks: dict[str, MoEBlock]) -> None:
 
 
 def check_shapes(report: CheckReport, blocks: dict[str, MoEBlock]) -> None:
-    """vLLM stacks every layer's experts into one tensor: one shape per tensor."""
-    tensors: dict[tuple[str, str], list[StoredTensor]] = defaultdict(list)
+    """
+    vLLM stacks every layer's experts into one tensor: one shape per expert
+    tensor (fused tensors: past the expert dim, which check_uniform covers).
+    """
+    tensors: dict[str, list[tuple[StoredTensor, tuple[int, ...]]]] = defaultdict(list)
     for block in blocks.values():
         for projections in block.experts.values():
             for proj, params in projections.items():
                 for param, tensor in params.items():
-                    tensors[proj, param].append(tensor)
-    for (proj, param), found in tensors.items():
-        common = Counter(t.shape for t in found).most_common(1)[0][0]
-        odd = [t for t in found if t.shape != common]
+                    tensors[f"{proj}.{param}"].append((tensor, tensor.shape))
+        for name, tensor in block.fused.items():
+            tensors[name].append((tensor, tensor.shape[1:]))
+    for label, found in tensors.items():
+        common = Counter(shape for _, shape in found).most_common(1)[0][0]
+        odd = [(t, shape) for t, shape in found if shape != common]
         if not odd:
             continue
         report.add(
             "expert-shape",
-            odd[0].disk,
-            f"{len(odd)} {proj}.{param} tensor(s) differ from the common shape "
-            f"{list(common)} (this one is {list(odd[0].shape)}); vLLM stacks all "
+            odd[0][0].disk,
+            f"{len(odd)} {label} tensor(s) differ from the common shape "
+            f"{list(common)} (this one is {list(odd[0][1])}); vLLM stacks all "
             "experts into one tensor per layer, sized from config.json",
             "merge or recombine experts back to the original width "
             "(moe_intermediate_size) before saving",
@@ -63,6 +70,8 @@ def check_shapes(report: CheckReport, blocks: dict[str, MoEBlock]) -> None:
 
 def check_complete(report: CheckReport, block: MoEBlock, spec: MoEArchSpec) -> None:
     """Experts 0..N-1 of a layer each hold the same set of tensors."""
+    if not block.experts:
+        return  # fused layout: check_fused
     wanted: dict[tuple[str, str], str] = {}  # (proj, param) -> stored name pattern
     for index, projections in block.experts.items():
         for proj, params in projections.items():
@@ -92,6 +101,60 @@ def check_complete(report: CheckReport, block: MoEBlock, spec: MoEArchSpec) -> N
         )
 
 
+def check_fused(report: CheckReport, block: MoEBlock, spec: MoEArchSpec) -> None:
+    """
+    A family whose hub layout is fused (:attr:`MoEArchSpec.fused_experts`)
+    stores unquantized experts in exactly those tensors, each with the same
+    expert count first; compressed-tensors keeps quantized experts per expert.
+    """
+    experts = f"{block.name}.{spec.experts_attr}"
+    if block.fused and block.experts:
+        report.add(
+            "mixed-expert-layout",
+            experts,
+            f"stores both fused ({', '.join(sorted(block.fused))}) and per-expert "
+            "tensors; vLLM loads one layout per layer",
+            "save the checkpoint again from the compressed model",
+        )
+        return
+    if block.fused:
+        missing = [name for name in spec.fused_experts if name not in block.fused]
+        if missing:
+            report.add(
+                "missing-expert-tensors",
+                f"{experts}.{missing[0]}",
+                f"the fused {spec.model_type} layout also needs "
+                f"{', '.join(f'{experts}.{name}' for name in missing)}",
+                "save the checkpoint again from the compressed model",
+            )
+        odd = [t for t in block.fused.values() if t.shape[:1] != (block.count,)]
+        for tensor in odd:
+            report.add(
+                "expert-shape",
+                tensor.disk,
+                f"stores {tensor.shape[0] if tensor.shape else 0} experts along "
+                f"dim 0, the layer's other fused tensors {block.count}",
+                "slice every fused expert tensor with the same kept experts "
+                "(ream_modifiers.moe.keep_experts does)",
+            )
+        return
+    quantized = any(
+        params.keys() & QUANT_PARAMS
+        for projections in block.experts.values()
+        for params in projections.values()
+    )
+    if spec.fused_experts and not quantized:
+        report.add(
+            "unfused-experts",
+            experts,
+            f"unquantized experts stored per expert, but {spec.model_type} "
+            f"checkpoints store them fused ({', '.join(spec.fused_experts)}), "
+            "which is the layout vLLM loads",
+            "save with ream_modifiers (ensure_hub_save_names writes the hub's "
+            "fused layout for unquantized experts)",
+        )
+
+
 def check_router(
     report: CheckReport, block: MoEBlock, spec: MoEArchSpec, text: dict[str, Any]
 ) -> None:
@@ -116,26 +179,39 @@ def check_router(
             f"router has {weight.shape[0]} rows but the layer stores {n} experts",
             fix,
         )
-    biases = [block.router.get("bias")]
-    if spec.bias_attr:
-        owner = block.router if spec.bias_location == "router" else block.block_params
-        correction = owner.get(spec.bias_attr)
-        biases.append(correction)
-        if correction is None and text.get("topk_method") == "noaux_tc":
-            report.add(
-                "missing-correction-bias",
-                f"{router}.{spec.bias_attr}",
-                "config.json has topk_method='noaux_tc', for which vLLM creates "
-                f"and loads {spec.bias_attr}, but the checkpoint has none",
-                "save the checkpoint again from a model that has the bias",
+    if block.bias is None and spec.bias_required(text.get):
+        if spec.bias_required_when is None:
+            why = f"vLLM always creates and loads {spec.model_type}'s"
+        else:
+            key, value = spec.bias_required_when
+            why = (
+                f"config.json has {key}={value!r}, for which vLLM creates and loads the"
             )
-    for bias in biases:
-        if bias is not None and bias.shape[-1] != n:
+        report.add(
+            "missing-correction-bias",
+            f"{block.name}.{spec.hub_bias}",
+            f"{why} score-correction bias, but the checkpoint has none",
+            "save the checkpoint again from a model that has the bias",
+        )
+    for bias in (block.router.get("bias"), block.bias):
+        if bias is None:
+            continue
+        if not bias.shape or bias.shape[-1] != n:
+            entries = bias.shape[-1] if bias.shape else 0
             report.add(
                 "router-shape",
                 bias.disk,
-                f"has {bias.shape[-1]} entries but the layer stores {n} experts",
+                f"has {entries} entries but the layer stores {n} experts",
                 fix,
+            )
+        elif bias is block.bias and bias.shape[:-1] != spec.bias_leading_dims:
+            expected = [*spec.bias_leading_dims, n]
+            report.add(
+                "router-shape",
+                bias.disk,
+                f"has shape {list(bias.shape)}; {spec.model_type} stores it as "
+                f"{expected}",
+                "save the checkpoint again with transformers' save_pretrained",
             )
 
 
@@ -175,8 +251,7 @@ def check_routing(
     count: int,
 ) -> None:
     top_k = text.get(spec.top_k_key)
-    n_group = text.get(spec.n_group_key) if spec.n_group_key else None
-    topk_group = text.get(spec.topk_group_key) if spec.topk_group_key else None
+    n_group, topk_group = spec.groups(text.get)
     budget_fix = (
         "compress to an expert count that divides evenly into the router groups "
         "and keeps top-k reachable (the modifiers plan such budgets)"
@@ -188,7 +263,7 @@ def check_routing(
             f"{spec.top_k_key}={top_k} exceeds the {count} experts per layer",
             budget_fix,
         )
-    if not isinstance(n_group, int) or n_group <= 1:
+    if n_group is None:
         return
     if count % n_group:
         report.add(

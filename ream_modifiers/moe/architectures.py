@@ -9,8 +9,9 @@ never branches on a model name. Unknown model types fall back to
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 from loguru import logger
 from transformers import PretrainedConfig
@@ -61,6 +62,14 @@ class MoEArchSpec:
         ``moe_statics.e_score_correction_bias``)
     :param bias_location: whether that bias hangs off the router module (the
         block's ``gate``, the parent of a dotted ``router_attr``) or the block
+    :param hub_bias_path: path of that bias from the MoE block in hub checkpoints,
+        when it differs from the in-memory one (ERNIE stores
+        ``moe_statics.e_score_correction_bias`` on the block)
+    :param bias_leading_dims: dimensions of that bias before the expert dimension
+        (ERNIE's is ``[1, E]``)
+    :param bias_required_when: ``(config key, value)`` under which vLLM creates
+        and loads that bias (DeepSeek-V3 only for ``topk_method: noaux_tc``);
+        None if vLLM always does, for a family that has one
     :param shared_expert_attrs: block attributes holding shared experts (never
         touched by any method here)
     :param shared_expert_gate_attr: block attribute of the shared expert's gate
@@ -74,8 +83,11 @@ class MoEArchSpec:
         differs from the in-memory ``mlp`` (Mixtral's ``block_sparse_moe``)
     :param hub_projections: hub names of the gate, up and down projections of
         one expert (``experts.{i}.<name>``)
-    :param fused_on_disk: hub checkpoints store all experts of a layer in fused
-        3D tensors (gpt-oss); an unquantized result is saved that way too
+    :param fused_experts: names (under ``experts_attr``) of the tensors that
+        hold all experts of a layer, expert index first, in the family's hub
+        layout (gpt-oss); empty where the hub stores one tensor per expert and
+        projection. An unquantized result is saved in this layout; a quantized
+        one keeps compressed-tensors' per-expert tensors
     """
 
     model_type: str
@@ -93,22 +105,77 @@ class MoEArchSpec:
     scaling_factor_key: str | None = None
     bias_attr: str | None = None
     bias_location: BiasLocation | None = None
+    hub_bias_path: str | None = None
+    bias_leading_dims: tuple[int, ...] = ()
+    bias_required_when: tuple[str, Any] | None = None
     shared_expert_attrs: tuple[str, ...] = ()
     shared_expert_gate_attr: str | None = None
     quantization_ignore: tuple[str, ...] = field(default=_BASE_IGNORE)
     linear_save_renames: tuple[tuple[str, str], ...] = ()
     hub_block_attr: str | None = None
     hub_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
-    fused_on_disk: bool = False
+    fused_experts: tuple[str, ...] = ()
 
     @property
     def num_experts_key(self) -> str:
         return self.num_experts_keys[0]
 
     @property
+    def fused_on_disk(self) -> bool:
+        """Whether hub checkpoints store the experts fused (:attr:`fused_experts`)."""
+        return bool(self.fused_experts)
+
+    @property
     def router_owner_attr(self) -> str:
         """Attribute path of the module that owns a ``router``-located bias."""
         return self.router_attr.split(".")[0]
+
+    @property
+    def bias_path(self) -> str | None:
+        """Path of the score-correction bias from the MoE block, in memory."""
+        if self.bias_attr is None:
+            return None
+        if self.bias_location == "block":
+            return self.bias_attr
+        return f"{self.router_owner_attr}.{self.bias_attr}"
+
+    @property
+    def hub_bias(self) -> str | None:
+        """Path of the score-correction bias from the MoE block, on disk."""
+        return self.hub_bias_path or self.bias_path
+
+    def bias_required(self, get: Callable[[str], Any]) -> bool:
+        """
+        Whether vLLM creates (and so must load) the score-correction bias.
+
+        :param get: config lookup, ``dict.get`` of config.json or a config's
+            ``getattr``
+        """
+        if self.bias_attr is None:
+            return False
+        if self.bias_required_when is None:
+            return True
+        key, value = self.bias_required_when
+        return get(key) == value
+
+    def groups(self, get: Callable[[str], Any]) -> tuple[int | None, int | None]:
+        """
+        ``(n_group, topk_group)`` of group-limited routing, or ``(None, None)``
+        when the router does not restrict tokens to groups (no group keys, a
+        single group, or :attr:`grouped_when` does not hold).
+
+        :param get: config lookup, ``dict.get`` of config.json or a config's
+            ``getattr``
+        """
+        n_group = get(self.n_group_key) if self.n_group_key else None
+        topk_group = get(self.topk_group_key) if self.topk_group_key else None
+        if self.grouped_when is not None:
+            key, value = self.grouped_when
+            if get(key) != value:
+                return None, None
+        if not isinstance(n_group, int) or n_group <= 1:
+            return None, None
+        return n_group, topk_group
 
 
 def _ignore(*patterns: str) -> tuple[str, ...]:
@@ -179,6 +246,8 @@ _ROWS = [
         scaling_factor_key="routed_scaling_factor",
         bias_attr="e_score_correction_bias",
         bias_location="router",
+        # vLLM's deepseek_v2.py creates the bias only for noaux_tc
+        bias_required_when=("topk_method", "noaux_tc"),
         shared_expert_attrs=("shared_experts",),
         quantization_ignore=_GATE_IGNORE,
     ),
@@ -190,6 +259,9 @@ _ROWS = [
         # softmax scores + bias choose; weights are renormalised (clamped sum)
         bias_attr="moe_statics.e_score_correction_bias",
         bias_location="router",
+        # the hub (and transformers' save) keeps `moe_statics` on the block
+        hub_bias_path="moe_statics.e_score_correction_bias",
+        bias_leading_dims=(1,),
         shared_expert_attrs=("shared_experts",),
         quantization_ignore=_GATE_IGNORE,
     ),
@@ -199,6 +271,7 @@ _ROWS = [
         scoring="sigmoid",
         bias_attr="e_score_correction_bias",
         bias_location="block",
+        bias_required_when=("use_routing_bias", True),
         quantization_ignore=_ignore("re:.*mlp.gate$", "re:.*block_sparse_moe.gate$"),
         linear_save_renames=_W123_RENAMES,
         hub_block_attr="block_sparse_moe",
@@ -219,20 +292,29 @@ _ROWS = [
         # top-k on biased logits, softmax over the k = renormalised softmax
         router_attr="router",
         quantization_ignore=_ignore("re:.*mlp.router$"),
-        fused_on_disk=True,
+        # hub layout, which vLLM loads unquantized: transposed, gate/up
+        # interleaved along the last dim, with biases
+        fused_experts=(
+            "gate_up_proj",
+            "gate_up_proj_bias",
+            "down_proj",
+            "down_proj_bias",
+        ),
     ),
 ]
 
 ARCHITECTURES: dict[str, MoEArchSpec] = {row.model_type: row for row in _ROWS}
-# Same layout and routing as an existing row under another name.
-_ALIASES = {
-    "qwen3_next": "qwen2_moe",
-    "glm4_moe": "deepseek_v3",
-    "dots1": "deepseek_v3",
-    "kimi_k2": "deepseek_v3",
+# Same layout and routing as an existing row under another name, with the
+# fields that differ.
+_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "qwen3_next": ("qwen2_moe", {}),
+    # vLLM's glm4_moe.py always creates the correction bias
+    "glm4_moe": ("deepseek_v3", {"bias_required_when": None}),
+    "dots1": ("deepseek_v3", {}),
+    "kimi_k2": ("deepseek_v3", {}),
 }
-for _alias, _row in _ALIASES.items():
-    ARCHITECTURES[_alias] = replace(ARCHITECTURES[_row], model_type=_alias)
+for _alias, (_row, _fields) in _ALIASES.items():
+    ARCHITECTURES[_alias] = replace(ARCHITECTURES[_row], model_type=_alias, **_fields)
 
 
 def text_config(config: PretrainedConfig) -> PretrainedConfig:
@@ -298,6 +380,7 @@ def detect_spec(config: PretrainedConfig) -> MoEArchSpec:
         ),
         bias_attr="e_score_correction_bias",
         bias_location="router",
+        bias_required_when=("topk_method", "noaux_tc"),
         shared_expert_attrs=("shared_expert", "shared_experts"),
         shared_expert_gate_attr="shared_expert_gate",
         quantization_ignore=_QWEN_IGNORE,

@@ -45,17 +45,8 @@ class RoutingSpec:
         renormalize = spec.renormalize
         if spec.renormalize_key is not None:
             renormalize = bool(getattr(config, spec.renormalize_key, renormalize))
-        n_group = getattr(config, spec.n_group_key, None) if spec.n_group_key else None
-        topk_group = (
-            getattr(config, spec.topk_group_key, None) if spec.topk_group_key else None
-        )
-        if spec.grouped_when is not None:
-            key, value = spec.grouped_when
-            if getattr(config, key, None) != value:
-                n_group = None  # the router ignores its groups
-        if not n_group or n_group <= 1:
-            # a single group is plain top-k routing
-            n_group, topk_group = None, None
+        # a single group, or groups the router ignores, is plain top-k routing
+        n_group, topk_group = spec.groups(lambda key: getattr(config, key, None))
         scaling = 1.0
         if spec.scaling_factor_key is not None:
             scaling = float(getattr(config, spec.scaling_factor_key, 1.0) or 1.0)

@@ -2,7 +2,6 @@
 
 import json
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,8 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from ream_modifiers.check import CheckpointCheckError, check_checkpoint
 from ream_modifiers.cli import compress, main
-
-WEIGHTS = "model.safetensors"
+from tests.check.editing import WEIGHTS, drop, edited
 
 
 @pytest.fixture(scope="module")
@@ -31,33 +29,6 @@ def w4a16_dir(tiny_model_dir, tmp_path_factory) -> Path:
     )
     reset_session()
     return out
-
-
-def edited(
-    source: Path,
-    target: Path,
-    tensors: Callable[[dict[str, torch.Tensor]], None] | None = None,
-    config: Callable[[dict], None] | None = None,
-) -> Path:
-    """A copy of ``source`` with its tensors and/or config.json edited in place."""
-    shutil.copytree(source, target)
-    if tensors is not None:
-        state = load_file(target / WEIGHTS)
-        tensors(state)
-        save_file(state, target / WEIGHTS, metadata={"format": "pt"})
-    if config is not None:
-        data = json.loads((target / "config.json").read_text())
-        config(data)
-        (target / "config.json").write_text(json.dumps(data))
-    return target
-
-
-def drop(prefix: str) -> Callable[[dict], None]:
-    def edit(state: dict) -> None:
-        for name in [n for n in state if n.startswith(prefix)]:
-            del state[name]
-
-    return edit
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from llmcompressor.modifiers.quantization import GPTQModifier
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+from ream_modifiers.check import check_checkpoint
 from ream_modifiers.modifiers import (
     AIMERModifier,
     DERNModifier,
@@ -223,6 +224,10 @@ def test_matrix_cell(load_tiny, calibration, tmp_path, family, method, quantized
     _check_config(spec, config)
     report = json.loads((out / REPORT_FILENAME).read_text())[0]
     assert [len(e["kept"]) for e in report["layers"].values()] == [KEPT, KEPT]
+    check = check_checkpoint(out)
+    assert check.violations == [], check.summary()
+    assert sorted(check.experts_per_layer.values()) == [KEPT, KEPT]
+    assert check.quantization_format == (quant["format"] if quant else None)
 
 
 @pytest.mark.parametrize("family, method", sorted(UNSUPPORTED))
