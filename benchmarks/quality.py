@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import render
 import torch
 import yaml
 from common import RESULTS, quiet
@@ -34,7 +35,7 @@ from llmcompressor import oneshot
 from llmcompressor.core import reset_session
 from llmcompressor.modifiers.quantization import GPTQModifier
 from safetensors import safe_open
-from tasks_eval import METRICS, evaluate, recovery
+from tasks_eval import evaluate, recovery
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ream_modifiers
@@ -133,23 +134,6 @@ def label(row: dict) -> str:
     return f"{row['method']}|{row['ratio']}|{row['quant']}"
 
 
-def markdown(rows: list[dict]) -> str:
-    keys = list(METRICS)
-    lines = [
-        "| method | removed | quant | "
-        + " | ".join(keys)
-        + " | recovery % | MiB | time (s) |",
-        "|---|---|---|" + "---|" * (len(keys) + 3),
-    ]
-    for row in rows:
-        values = " | ".join(f"{row[k]:g}" for k in keys)
-        lines.append(
-            f"| {row['method']} | {row['ratio']:.0%} | {row['quant']} | {values} | "
-            f"{row['recovery_mean']} | {row['mib']} | {row.get('seconds', '')} |"
-        )
-    return "\n".join(lines)
-
-
 def chart(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -232,7 +216,7 @@ def main() -> None:
                 row = compress_and_score(recipe, calibration, tokenizer, len(rows_ids))
                 record({**key, **row})
     chart(table, RESULTS / "quality.png")
-    print("\n" + markdown(table))
+    print("\n" + render.quality())
 
 
 if __name__ == "__main__":
