@@ -58,7 +58,9 @@ def frontier(points: list[dict]) -> list[str]:
     ]
 
 
-def plot(points: list[dict], original: dict, names: list[str], path: Path) -> None:
+def plot(
+    points: list[dict], original: dict, names: list[str], path: Path, ratio: float
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,7 +89,9 @@ def plot(points: list[dict], original: dict, names: list[str], path: Path) -> No
     )
     axes.set_xlabel("MC proxy (mean accuracy, 3 domains)")
     axes.set_ylabel("GEN proxy (mean exact match, math + code)")
-    axes.set_title("REAM 50% on the fixture: calibration mix Pareto (red = frontier)")
+    axes.set_title(
+        f"REAM {ratio:.0%} on the fixture: calibration mix Pareto (red = frontier)"
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
@@ -136,8 +140,10 @@ def main() -> None:
         "points": points,
         "frontier": names,
     }
-    (RESULTS / "pareto.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(points, original, names, RESULTS / "pareto.png")
+    # 50% (the setting) is pareto.json; other ratios get a suffix
+    stem = "pareto" if args.ratio == 0.5 else f"pareto_{round(args.ratio * 100)}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(points, original, names, RESULTS / f"{stem}.png", args.ratio)
     print("\n| mix | rows g/m/c | MC | GEN | on frontier |\n|---|---|---|---|---|")
     for p in points:
         rows = "/".join(str(p["rows"][d]) for d in ("general", "math", "code"))

@@ -2,7 +2,7 @@
 Print the Markdown tables of BENCHMARKS.md from the JSON in results/, so the
 document can be refreshed after ``make bench`` without retyping numbers.
 
-    cd benchmarks && ../.venv/bin/python render.py [quality|pareto|speed|scale]
+    cd benchmarks && ../.venv/bin/python render.py [quality|pareto|pareto_25|speed|scale]
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ def quality() -> str:
     return "\n".join(lines)
 
 
-def pareto() -> str:
-    result = json.loads((RESULTS / "pareto.json").read_text())
+def pareto(stem: str = "pareto") -> str:
+    """``pareto`` (REAM 50%) or ``pareto_25`` etc. for other ratios."""
+    result = json.loads((RESULTS / f"{stem}.json").read_text())
     lines = [
         "| mix (general/math/code) | rows g/m/c | MC proxy | GEN proxy | frontier |",
         "|---|---|---|---|---|",
@@ -90,4 +91,5 @@ def scale() -> str:
 if __name__ == "__main__":
     tables = {"quality": quality, "pareto": pareto, "speed": speed, "scale": scale}
     for name in sys.argv[1:] or tables:
-        print(f"\n<!-- {name} -->\n" + tables[name]())
+        table = pareto(name) if name.startswith("pareto") else tables[name]()
+        print(f"\n<!-- {name} -->\n" + table)
