@@ -2,7 +2,9 @@
 Print the Markdown tables of BENCHMARKS.md from the JSON in results/, so the
 document can be refreshed after ``make bench`` without retyping numbers.
 
-    cd benchmarks && ../.venv/bin/python render.py [quality|pareto|pareto_25|speed|scale]
+    cd benchmarks && ../.venv/bin/python render.py [quality|pareto|speed|scale]
+
+(``pareto_25`` renders results/pareto_25.json, the sweep at 25%.)
 """
 
 from __future__ import annotations
