@@ -29,3 +29,4 @@ bench:  ## speed, memory and quality benchmarks; results go to benchmarks/result
 	cd benchmarks && ../$(PY) bench_scale.py
 	cd benchmarks && ../$(PY) quality.py
 	cd benchmarks && ../$(PY) pareto.py
+	cd benchmarks && ../$(PY) pareto.py --ratio 0.25
