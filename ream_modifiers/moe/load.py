@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+from collections.abc import Iterator
 
 import torch
 from llmcompressor.modeling.moe.linearize import linearize_moe
@@ -122,11 +124,14 @@ def load_moe_model(
         try:
             from llmcompressor.utils import load_context
 
-            with load_context():
-                model, info = AutoModelForCausalLM.from_pretrained(
-                    model_id, dtype=dtype, output_loading_info=True, **kwargs
+            # load_context's offloading patch post-processes the returned model,
+            # so `output_loading_info=True` (a tuple) would crash it: capture the
+            # loading info from transformers' finalisation step instead
+            with load_context(), _captured_loading_info() as infos:
+                model = AutoModelForCausalLM.from_pretrained(
+                    model_id, dtype=dtype, **kwargs
                 )
-            _check_loading_info(model_id, info)
+            _check_loading_info(model_id, infos[-1] if infos else {})
             return _linearized(model)
         except ImportError as error:
             # load_context registered class patches and a load-time conversion
@@ -185,6 +190,25 @@ def _linearized(model: PreTrainedModel) -> PreTrainedModel:
     linearize_moe(model)
     ensure_hub_save_names(model)
     return model
+
+
+@contextlib.contextmanager
+def _captured_loading_info() -> Iterator[list[dict]]:
+    """Record the loading info (missing/unexpected keys) of every model that
+    transformers finishes loading inside the block."""
+    infos: list[dict] = []
+    original = PreTrainedModel.__dict__["_finalize_model_loading"]  # staticmethod
+
+    def finalize(model, load_config, loading_info):
+        result = original.__func__(model, load_config, loading_info)
+        infos.append(result.to_dict())
+        return result
+
+    PreTrainedModel._finalize_model_loading = staticmethod(finalize)
+    try:
+        yield infos
+    finally:
+        PreTrainedModel._finalize_model_loading = original
 
 
 def _check_loading_info(model_id, info: dict) -> None:

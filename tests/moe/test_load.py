@@ -135,3 +135,46 @@ def test_remote_code_runs_only_when_trusted(tiny_model_dir, tmp_path, use_load_c
     assert marker.read_text() == "ran"
     assert type(model).__name__ == "XForCausalLM"
     assert find_moe_layers(model)[0].num_experts == 8
+
+
+def test_load_context_path_survives_a_from_pretrained_that_post_processes(
+    tiny_model_dir, monkeypatch
+):
+    """compressed-tensors' offloading patch calls ``model.modules()`` on what
+    ``from_pretrained`` returns, so the loader must not ask for a (model, info)
+    tuple there; missing weights must still be refused."""
+    import contextlib
+
+    import llmcompressor.utils
+
+    seen = []
+
+    @contextlib.contextmanager
+    def post_processing_context():
+        original = AutoModelForCausalLM.from_pretrained.__func__
+
+        def patched(cls, *args, **kwargs):
+            model = original(cls, *args, **kwargs)
+            seen.append(sum(1 for _ in model.modules()))  # fails on a tuple
+            return model
+
+        monkeypatch.setattr(
+            AutoModelForCausalLM, "from_pretrained", classmethod(patched)
+        )
+        yield
+
+    monkeypatch.setattr(llmcompressor.utils, "load_context", post_processing_context)
+    path = tiny_model_dir("qwen3_moe")
+    model = load_moe_model(path, use_load_context=True)
+    assert seen and find_moe_layers(model)
+
+    broken = path.parent / "broken"
+    shutil.copytree(path, broken)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(broken / "model.safetensors")
+    dropped = next(k for k in weights if "layers.0.self_attn.q_proj" in k)
+    del weights[dropped]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing from the checkpoint"):
+        load_moe_model(broken, use_load_context=True)
