@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import RESULTS, header, quiet
+from common import RESULTS, gptq_stage, header, quiet
 
 HERE = Path(__file__).parent
 
@@ -81,9 +81,7 @@ def child(args) -> None:
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     recipe = [REAMModifier(sparsity=0.5)]
     if not args.no_gptq:
-        recipe.append(
-            GPTQModifier(targets=["Linear"], scheme="W4A16", ignore=["lm_head"])
-        )
+        recipe.append(GPTQModifier(**gptq_stage()))
     start = time.perf_counter()
     oneshot(
         model=model,

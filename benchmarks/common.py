@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from llmcompressor import oneshot
 from llmcompressor.core import reset_session
 from loguru import logger
@@ -21,6 +22,15 @@ from ream_modifiers.moe import load_moe_model
 from ream_modifiers.tiny import build_tiny_moe
 
 RESULTS = Path(__file__).parent / "results"
+RECIPES = Path(__file__).parents[1] / "recipes"
+
+
+def gptq_stage(recipe: Path = RECIPES / "ream_w4a16.yaml") -> dict:
+    """The ``GPTQModifier`` arguments of a W4A16 recipe (the same in all of them),
+    so every benchmark quantizes exactly as the shipped recipes do."""
+    stage = next(iter(yaml.safe_load(recipe.read_text()).values()))
+    modifiers = next(iter(stage.values()))
+    return modifiers["GPTQModifier"]
 
 
 def model_arguments(parser: argparse.ArgumentParser, experts: int) -> None:

@@ -29,8 +29,7 @@ from pathlib import Path
 
 import render
 import torch
-import yaml
-from common import RESULTS, quiet
+from common import RESULTS, gptq_stage, quiet
 from llmcompressor import oneshot
 from llmcompressor.core import reset_session
 from llmcompressor.modifiers.quantization import GPTQModifier
@@ -43,7 +42,6 @@ from ream_modifiers.data.calibration import pack_rows, rows_dataset
 from ream_modifiers.moe import load_moe_model
 
 FIXTURE = Path(__file__).parent / "fixture"
-RECIPES = Path(__file__).parents[1] / "recipes"
 sys.path.insert(0, str(FIXTURE))
 from corpus import build_corpus  # noqa: E402
 
@@ -59,13 +57,6 @@ METHODS = {
     "MoEITS": ream_modifiers.MoEITSModifier,
 }
 OUTPUT = RESULTS / "quality.json"
-
-
-def gptq_stage(recipe: Path = RECIPES / "ream_w4a16.yaml") -> dict:
-    """The ``GPTQModifier`` arguments of a W4A16 recipe (the same in all of them)."""
-    stage = next(iter(yaml.safe_load(recipe.read_text()).values()))
-    modifiers = next(iter(stage.values()))
-    return modifiers["GPTQModifier"]
 
 
 def calibration_rows(tokenizer, count: int, seq_len: int = 128) -> list:

@@ -133,22 +133,7 @@ def test_failed_run_leaves_no_output(tiny_model_dir, tmp_path):
     recipe.write_text("s_stage:\n  s_modifiers:\n    REAPModifier: {num_experts: 1}\n")
     out = tmp_path / "out"
     with pytest.raises(ValueError, match="top_k=2"):
-        main(
-            [
-                "compress",
-                str(recipe),
-                "--model",
-                str(tiny_model_dir("qwen3_moe")),
-                "--dataset",
-                "bundled",
-                "--num-samples",
-                "4",
-                "--max-seq-len",
-                "16",
-                "--output",
-                str(out),
-            ]
-        )
+        main(_args(tiny_model_dir("qwen3_moe"), out, str(recipe)))
     assert list(tmp_path.iterdir()) == [recipe]
 
 

@@ -74,7 +74,6 @@ class ExpertReductionModifier(Modifier):
     _layers: list[MoELayer] = PrivateAttr(default_factory=list)
     _budget: ExpertBudget | None = PrivateAttr(default=None)
     _collectors: dict[str, LayerStatsCollector] = PrivateAttr(default_factory=dict)
-    _hook_handles: dict[str, set] = PrivateAttr(default_factory=dict)
     _done: set[str] = PrivateAttr(default_factory=set)
     _report: dict[str, Any] = PrivateAttr(default_factory=dict)
     _group: Any = PrivateAttr(default=None)
@@ -206,7 +205,7 @@ class ExpertReductionModifier(Modifier):
             if not statistics:
                 continue
             collector = LayerStatsCollector(layer, statistics, masks)
-            self._hook_handles[layer.name] = collector.attach(self.register_hook)
+            collector.attach(self.register_hook)
             self._collectors[layer.name] = collector
 
     def on_sequential_epoch_end(self, state: State, event: Event, **kwargs):
@@ -304,7 +303,8 @@ class ExpertReductionModifier(Modifier):
         self._done.add(layer.name)
         # the hooks hold the collector: drop both so a layer's statistics (e.g.
         # REAM's [E, capacity, D] activation samples) are freed before the next
-        self.remove_hooks(self._hook_handles.pop(layer.name, set()))
+        if collector is not None:
+            self.remove_hooks(collector.handles)
         self._collectors.pop(layer.name, None)
         logger.info(
             f"{self.method} {layer.name}: kept {len(decision.kept)}/{before}, "

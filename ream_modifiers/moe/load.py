@@ -124,14 +124,8 @@ def load_moe_model(
         try:
             from llmcompressor.utils import load_context
 
-            # load_context's offloading patch post-processes the returned model,
-            # so `output_loading_info=True` (a tuple) would crash it: capture the
-            # loading info from transformers' finalisation step instead
-            with load_context(), _captured_loading_info() as infos:
-                model = AutoModelForCausalLM.from_pretrained(
-                    model_id, dtype=dtype, **kwargs
-                )
-            _check_loading_info(model_id, infos[-1] if infos else {})
+            with load_context():
+                model = _load_checked(model_id, dtype, kwargs)
             return _linearized(model)
         except ImportError as error:
             # load_context registered class patches and a load-time conversion
@@ -148,11 +142,27 @@ def load_moe_model(
             )
     # gpt-oss saved per expert (quantized by llm-compressor) loads too
     with per_expert_checkpoints(_model_type(model_id)):
-        model, info = AutoModelForCausalLM.from_pretrained(
-            model_id, dtype=dtype, output_loading_info=True, **kwargs
-        )
-    _check_loading_info(model_id, info)
+        model = _load_checked(model_id, dtype, kwargs)
     return _linearized(model)
+
+
+def _load_checked(model_id, dtype, kwargs: dict) -> PreTrainedModel:
+    """
+    ``from_pretrained``, refusing a checkpoint that leaves weights missing. The
+    loading info is captured from transformers' finalisation step rather than
+    asked for with ``output_loading_info=True``: llm-compressor's
+    ``load_context()`` post-processes the returned model and would crash on the
+    ``(model, info)`` tuple.
+    """
+    with _captured_loading_info() as infos:
+        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, **kwargs)
+    if not infos:
+        logger.warning(
+            f"{model_id}: transformers reported no loading info; missing weights "
+            "cannot be checked"
+        )
+    _check_loading_info(model_id, infos[-1] if infos else {})
+    return model
 
 
 def _model_type(model_id) -> str | None:

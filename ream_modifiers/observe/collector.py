@@ -141,6 +141,9 @@ class LayerStatsCollector:
         self.batches_seen = 0
         self.tokens_seen = 0
         self._routing: BatchRouting | None = None
+        # what ``attach`` registered, to remove exactly these hooks (and free the
+        # statistics they reference) once the layer is decided
+        self.handles: set = set()
 
     def __getitem__(self, name: str) -> Statistic:
         for statistic in self.statistics:
@@ -150,15 +153,14 @@ class LayerStatsCollector:
 
     # -- hooks -------------------------------------------------------------------
 
-    def attach(self, register: HookRegistrar) -> set:
+    def attach(self, register: HookRegistrar) -> None:
         """
-        Register this collector's hooks through ``register(module, fn, kind)``.
-
-        :return: the handles ``register`` returned, to remove exactly these hooks
-            (and free the statistics they reference) once the layer is decided
+        Register this collector's hooks through ``register(module, fn, kind)``,
+        keeping the handles ``register`` returns in :attr:`handles`.
         """
         experts = self.layer.experts
-        handles = {register(experts, self._on_experts_input, "forward_pre")}
+        handles = self.handles
+        handles.add(register(experts, self._on_experts_input, "forward_pre"))
         intermediate = any(s.needs_intermediate for s in self.statistics)
         for index, expert in enumerate(self.layer.expert_modules()):
             handles.add(
@@ -168,7 +170,6 @@ class LayerStatsCollector:
                 hook = partial(self._on_expert_intermediate, index)
                 handles.add(register(expert.down_proj, hook, "forward_pre"))
         handles.add(register(experts, self._on_experts_output, "forward"))
-        return handles
 
     @torch.no_grad()
     def _on_experts_input(self, module, args) -> None:

@@ -18,6 +18,7 @@ def _register(handles):
             "forward_pre": module.register_forward_pre_hook,
         }[kind]
         handles.append(method(fn))
+        return handles[-1]
 
     return register
 
