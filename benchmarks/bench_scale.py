@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -254,7 +255,13 @@ def main() -> None:
             build_model(model_dir, experts, args)
             for _, multiplier, gptq in todo:
                 row = {"experts": experts, "token_multiplier": multiplier, "gptq": gptq}
+                load_before = os.getloadavg()[0]
                 row.update(run_child(model_dir, multiplier, args, no_gptq=not gptq))
+                # times are only comparable between rows run under similar load
+                row["load_avg_1min"] = [
+                    round(load_before, 2),
+                    round(os.getloadavg()[0], 2),
+                ]
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 save()

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from ream_modifiers.output import refuse_existing, staged_output
+from ream_modifiers.output import refuse_existing, shared_staged_output
 
 __all__ = ["main", "compress", "CompressionSummary"]
 
@@ -113,7 +113,7 @@ def compress(
     seed: int = 42,
     trust_remote_code: bool = False,
     command: str | None = None,
-) -> CompressionSummary:
+) -> CompressionSummary | None:
     """
     Compress ``model`` with ``recipe`` into ``output``. The output is written to
     ``.<name>.tmp-<pid>`` beside ``output``, checked with
@@ -129,6 +129,11 @@ def compress(
     ``expert_reduction.json``, ``compression_summary.json``, ``calibration.json``,
     a model card ``README.md`` and, with matplotlib, ``expert_saliency.png``.
 
+    Under ``torchrun --nproc_per_node N`` every rank runs this function: each
+    calibrates on its share of the rows, statistics are reduced onto the source
+    rank, which decides, writes and checks the output and returns the summary;
+    the other ranks return None.
+
     :param overwrite: replace a non-empty ``output``
     :param trust_remote_code: run modelling code shipped with the model
     :param command: the command line, quoted in the model card
@@ -142,10 +147,17 @@ def compress(
     import ream_modifiers  # noqa: F401  (registers the modifiers)
     from ream_modifiers.check import check_checkpoint
     from ream_modifiers.data import build_calibration_dataset, build_mix
+    from ream_modifiers.distributed import (
+        barrier,
+        init_distributed,
+        is_source_process,
+        shard_for_rank,
+    )
     from ream_modifiers.moe import find_moe_layers, load_moe_model
     from ream_modifiers.saving import REPORT_FILENAME
 
     recipe_path = resolve_recipe(recipe)
+    init_distributed()  # a no-op unless started by torchrun
     if (dataset is None) == (mix is None):
         raise SystemExit("error: give exactly one of --dataset and --mix")
     output_dir = Path(output)
@@ -191,17 +203,22 @@ def compress(
             "max_seq_length": max_seq_len,
         }
 
-    with staged_output(output_dir, overwrite) as partial:
+    # under torchrun each rank calibrates on its own share of the rows
+    shard = shard_for_rank(calibration)
+    with shared_staged_output(output_dir, overwrite) as partial:
         oneshot(
             model=moe_model,
-            dataset=calibration,
+            dataset=shard,
             recipe=str(recipe_path),
             processor=tokenizer,
-            num_calibration_samples=num_samples,
+            num_calibration_samples=len(shard),
             max_seq_length=max_seq_len,
             moe_calibrate_all_experts=calibrate_all_experts,
             output_dir=str(partial),
         )
+        barrier()  # every rank's part of the save is on disk
+        if not is_source_process():
+            return None
         report_file = partial / REPORT_FILENAME
         reports = json.loads(report_file.read_text()) if report_file.exists() else []
         summary = CompressionSummary(

@@ -18,7 +18,13 @@ from pathlib import Path
 
 from loguru import logger
 
-__all__ = ["refuse_existing", "staging_dir", "remove_stale", "staged_output"]
+__all__ = [
+    "refuse_existing",
+    "staging_dir",
+    "remove_stale",
+    "staged_output",
+    "shared_staged_output",
+]
 
 _KINDS = ("tmp", "old")  # staging, and a replaced output awaiting deletion
 
@@ -120,3 +126,66 @@ def staged_output(target: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+@contextmanager
+def shared_staged_output(target: Path, overwrite: bool = False) -> Iterator[Path]:
+    """
+    :func:`staged_output` for every rank of a ``torchrun`` job (the same as it in
+    one process). The source rank stages and publishes; every rank gets the same
+    staging path, because llm-compressor's save has all ranks take part. When the
+    block ends, the ranks exchange how it went, and the output is published only
+    if it went well on every rank.
+
+    :param target: the final output directory
+    :param overwrite: replace a non-empty ``target``
+    """
+    from ream_modifiers.distributed import (
+        broadcast_from_source,
+        is_distributed,
+        is_source_process,
+    )
+
+    if not is_distributed():
+        with staged_output(target, overwrite) as staging:
+            yield staging
+        return
+    if not is_source_process():
+        kind, value = broadcast_from_source(None)
+        if kind == "failed":
+            raise SystemExit(
+                f"error: the source rank stopped before calibration: {value}"
+            )
+        with _exchanging_outcome():
+            yield Path(value)
+        return
+    announced = False
+    try:
+        with staged_output(target, overwrite) as staging:
+            broadcast_from_source(("staging", str(staging)))
+            announced = True
+            with _exchanging_outcome():
+                yield staging
+    except BaseException as error:
+        if not announced:  # the other ranks wait for the staging path
+            broadcast_from_source(("failed", repr(error)))
+        raise
+
+
+@contextmanager
+def _exchanging_outcome() -> Iterator[None]:
+    """Every rank learns whether the block failed anywhere; raise if it did."""
+    from torch import distributed as dist
+
+    mine = None
+    try:
+        yield
+    except BaseException as error:
+        mine = f"rank {dist.get_rank()}: {error!r}"
+        raise
+    finally:
+        outcomes = [None] * dist.get_world_size()
+        dist.all_gather_object(outcomes, mine)
+    failures = [outcome for outcome in outcomes if outcome is not None]
+    if failures:
+        raise SystemExit(f"error: another rank failed, nothing published: {failures}")

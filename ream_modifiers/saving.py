@@ -13,6 +13,7 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
+from ream_modifiers.distributed import is_source_process
 from ream_modifiers.moe.edit import patch_saved_config
 
 __all__ = ["REPORT_FILENAME", "record_for_save", "install_save_hook"]
@@ -65,6 +66,8 @@ def install_save_hook(model: PreTrainedModel) -> None:
 
 
 def finish_saved_checkpoint(model: PreTrainedModel, save_directory) -> None:
+    if not is_source_process():  # the source rank alone writes the checkpoint
+        return
     state = _state(model)
     if state["config"]:
         patch_saved_config(save_directory, state["config"])

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
 from llmcompressor.core import Event, State, active_session
 from llmcompressor.modifiers import Modifier
 from llmcompressor.modifiers.quantization.quantization.mixin import QuantizationMixin
@@ -25,6 +24,12 @@ from loguru import logger
 from pydantic import Field, PrivateAttr, model_validator
 from torch import distributed as dist
 
+from ream_modifiers.distributed import (
+    broadcast_from_source,
+    check_sharded,
+    is_distributed,
+    is_source_process,
+)
 from ream_modifiers.methods.selection import ExpertBudget, plan_budget
 from ream_modifiers.moe.edit import expert_count_values, keep_experts, sync_config
 from ream_modifiers.moe.layer import MoELayer, find_moe_layers
@@ -32,6 +37,7 @@ from ream_modifiers.moe.load import ensure_hub_save_names
 from ream_modifiers.observe.collector import LayerStatsCollector
 from ream_modifiers.observe.padding import padding_masks_from_dataloader
 from ream_modifiers.observe.statistics import Statistic
+from ream_modifiers.observe.token_keys import TokenKeyRecorder
 from ream_modifiers.saving import install_save_hook, record_for_save
 
 __all__ = ["ExpertReductionModifier", "LayerDecision"]
@@ -151,7 +157,8 @@ class ExpertReductionModifier(Modifier):
         if self.uniform_budget():
             self._plan_uniform_budget()
         self.validate_model(state, self._layers)
-        if dist.is_available() and dist.is_initialized():
+        if is_distributed():
+            # statistics and decisions travel through host memory on every backend
             self._group = dist.new_group(backend="gloo")
         self._report = {
             "method": self.method,
@@ -195,16 +202,23 @@ class ExpertReductionModifier(Modifier):
         )
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
+        if self.requires_calibration_data and self._group is not None:
+            check_sharded(getattr(state.data.calib, "dataset", None), self._group)
         masks = (
             padding_masks_from_dataloader(state.data.calib)
             if self.requires_calibration_data
             else []
         )
+        recorder = None
         for layer in self._layers:
             statistics = self.statistics(layer)
             if not statistics:
                 continue
-            collector = LayerStatsCollector(layer, statistics, masks)
+            if recorder is None and any(s.needs_token_keys for s in statistics):
+                # token samples are chosen by content, not by batch or rank
+                recorder = TokenKeyRecorder(masks)
+                recorder.attach(state.model.get_input_embeddings(), self.register_hook)
+            collector = LayerStatsCollector(layer, statistics, masks, recorder)
             collector.attach(self.register_hook)
             self._collectors[layer.name] = collector
 
@@ -249,7 +263,7 @@ class ExpertReductionModifier(Modifier):
         # fits them (gpt-oss: fused when unquantized, per expert when packed)
         ensure_hub_save_names(model)
         record_for_save(model, config_values=config_values, report=self._report)
-        if self.report_path is not None and _is_source_rank():
+        if self.report_path is not None and is_source_process():
             path = Path(self.report_path)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(self._report, indent=2) + "\n")
@@ -267,22 +281,21 @@ class ExpertReductionModifier(Modifier):
         collector = self._collectors.get(layer.name)
         if collector is not None:
             if self._group is not None:
-                hidden = layer.router_weight.shape[-1]
-                for statistic in collector.statistics:
-                    statistic.ensure_allocated(torch.device("cpu"), hidden)
-                collector.all_reduce(self._group)
+                collector.reduce_to_source(self._group)
             elif collector.batches_seen == 0:
                 raise RuntimeError(
                     f"{self.method}: {layer.name} received no calibration batch"
                 )
-        decision = self.decide(layer, collector) if _is_source_rank() else None
+        decision = self.decide(layer, collector) if is_source_process() else None
         if self._group is not None:
-            box = [decision]
-            dist.broadcast_object_list(box, src=0, group=self._group)
-            decision = box[0]
+            # every rank applies the source's decision, so all edit identically
+            decision = broadcast_from_source(decision, self._group)
         decided = time.perf_counter()
         before = layer.num_experts
         self.apply(layer, decision)
+        # under torchrun the offloaded weights may live in memory shared by all
+        # ranks: no rank runs the layer again until every rank's writes landed
+        self._sync_ranks()
         applied = time.perf_counter()
         seconds = applied - start
         removed = sorted(set(range(before)) - set(decision.kept))
@@ -310,6 +323,16 @@ class ExpertReductionModifier(Modifier):
             f"{self.method} {layer.name}: kept {len(decision.kept)}/{before}, "
             f"removed {removed} ({seconds:.2f}s)"
         )
+
+    def _sync_ranks(self) -> None:
+        """
+        A barrier across ranks (a no-op in one process). ``apply`` calls it once
+        it has read every weight it needs and before its first in-place write:
+        compressed-tensors shares offloaded CPU weights between ranks, so a write
+        must never overtake another rank's read of the same storage.
+        """
+        if self._group is not None:
+            dist.barrier(group=self._group)
 
     def _protect_routers_from_quantization(self) -> None:
         patterns = list(self._layers[0].spec.quantization_ignore)
@@ -339,7 +362,3 @@ class ExpertReductionModifier(Modifier):
                     f"{type(modifier).__name__}: not quantizing {added} (routers and "
                     f"shared-expert gates of {self._layers[0].spec.model_type})"
                 )
-
-
-def _is_source_rank() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

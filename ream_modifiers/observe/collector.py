@@ -26,11 +26,13 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+from compressed_tensors.distributed import get_source_rank
 from llmcompressor.modeling.moe.context import get_calibrate_all_experts_flag
 from torch import distributed as dist
 
 from ream_modifiers.moe.layer import MoELayer
 from ream_modifiers.observe.statistics import Statistic
+from ream_modifiers.observe.token_keys import TokenKeyRecorder, positional_keys
 
 __all__ = ["BatchRouting", "ExpertBatch", "LayerStatsCollector", "HookRegistrar"]
 
@@ -52,6 +54,8 @@ class BatchRouting:
     layer: MoELayer
     batch_index: int = 0
     num_batches: int = 1
+    # [T] content keys of the tokens (see token_keys), None where not recorded
+    token_keys: torch.Tensor | None = None
     _logits: torch.Tensor | None = None
     _probabilities: torch.Tensor | None = None
     _valid_index: torch.Tensor | None = None
@@ -99,6 +103,20 @@ class BatchRouting:
             self._probabilities = self.layer.routing.scores(self.logits())
         return self._probabilities
 
+    def keys(self) -> torch.Tensor:
+        """
+        ``[T]`` keys of this batch's tokens: content keys when recorded, else keys
+        from the batch index and position (deterministic in one process only).
+        """
+        if self.token_keys is None:
+            self.token_keys = positional_keys(
+                self.hidden_states.shape[0],
+                self.batch_index,
+                0,
+                self.hidden_states.device,
+            )
+        return self.token_keys
+
     def routed(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(slot, token)`` of the pairs routed to ``expert``, slot-major."""
         pairs = self.order[self.offsets[expert] : self.offsets[expert + 1]]
@@ -126,6 +144,8 @@ class LayerStatsCollector:
     :param statistics: statistics to feed; each declares what it needs
     :param padding_masks: per-batch ``[tokens]`` bool masks of real tokens (None
         for a batch without padding), in calibration order
+    :param token_keys: where the batches' content keys are recorded, for
+        statistics that sample tokens (``needs_token_keys``)
     """
 
     def __init__(
@@ -133,8 +153,10 @@ class LayerStatsCollector:
         layer: MoELayer,
         statistics: Sequence[Statistic],
         padding_masks: Sequence[torch.Tensor | None] = (),
+        token_keys: TokenKeyRecorder | None = None,
     ):
         self.layer = layer
+        self.token_keys = token_keys
         self.statistics = list(statistics)
         self.padding_masks = list(padding_masks)
         self.num_batches = max(len(self.padding_masks), 1)
@@ -183,6 +205,7 @@ class LayerStatsCollector:
             self.layer,
             batch_index=self.batches_seen,
             num_batches=self.num_batches,
+            token_keys=self._batch_keys(hidden_states),
         )
         for statistic in self.statistics:
             statistic.update_routing(self._routing)
@@ -238,6 +261,14 @@ class LayerStatsCollector:
         self._routing = None
         self.batches_seen += 1
 
+    def _batch_keys(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        if self.token_keys is None:
+            return None
+        keys = self.token_keys.keys_for(self.batches_seen)
+        if keys is None or keys.numel() != hidden_states.shape[0]:
+            return None
+        return keys.to(hidden_states.device)
+
     def _padding_mask(self, tokens: int, device: torch.device) -> torch.Tensor | None:
         if self.batches_seen >= len(self.padding_masks):
             return None
@@ -255,12 +286,21 @@ class LayerStatsCollector:
 
     # -- results ---------------------------------------------------------------
 
-    def all_reduce(self, group: dist.ProcessGroup | None = None) -> None:
+    def reduce_to_source(self, group: dist.ProcessGroup | None = None) -> None:
         """
-        Sum every statistic across ranks. Every rank must call this for the same
-        layers in the same order, also a rank that routed no token here.
+        Combine every statistic of every rank on the source rank (sums, maxima,
+        merged samples). Every rank must call this for the same layers in the same
+        order, also a rank that saw no batch or routed no token here: the
+        collectives are the same on every rank whatever the data.
         """
         if not (dist.is_available() and dist.is_initialized()):
             return
+        source = get_source_rank()
+        hidden = self.layer.router_weight.shape[-1]
         for statistic in self.statistics:
-            statistic.all_reduce(group)
+            # the reduction goes through host memory anyway (a gloo group)
+            statistic.ensure_allocated(torch.device("cpu"), hidden)
+            statistic.reduce_to_source(group, source)
+        seen = torch.tensor([self.batches_seen, self.tokens_seen], dtype=torch.long)
+        dist.reduce(seen, dst=source, group=group)
+        self.batches_seen, self.tokens_seen = seen.tolist()

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import distributed as dist
 
+from ream_modifiers.observe.token_keys import EMPTY_KEY, reseeded
+
 if TYPE_CHECKING:
     from ream_modifiers.observe.collector import BatchRouting, ExpertBatch
 
@@ -32,16 +34,24 @@ class Statistic:
     Subclasses declare their accumulators in :meth:`_allocate` and update them in
     :meth:`update_routing` / :meth:`update_expert`. ``reduce_ops`` names the
     ``torch.distributed`` reduction of each accumulator (sum unless listed).
+
+    Real-valued sums listed in ``compensated`` are kept as fp64 (high, low) pairs
+    updated by Knuth's two-sum (:meth:`_add`), so each reads as the exact sum
+    rounded once: the same bits whatever the batch order or the split across
+    ranks, and a distributed run decides exactly as a single one.
     """
 
     name: str = ""
     needs_all_tokens: bool = False  # needs expert outputs on every token
     needs_intermediate: bool = False  # needs neuron activations (down_proj input)
+    needs_token_keys: bool = False  # samples tokens by their content keys
     reduce_ops: dict[str, str] = {}
+    compensated: tuple[str, ...] = ()
 
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
         self._tensors: dict[str, torch.Tensor] | None = None
+        self._low: dict[str, torch.Tensor] = {}
 
     def _allocate(
         self, device: torch.device, hidden_size: int
@@ -53,7 +63,17 @@ class Statistic:
     ) -> dict[str, torch.Tensor]:
         if self._tensors is None:
             self._tensors = self._allocate(device, hidden_size)
+            self._low = {
+                key: torch.zeros_like(self._tensors[key]) for key in self.compensated
+            }
         return self._tensors
+
+    def _add(self, key: str, value: torch.Tensor, index=None) -> None:
+        """``accumulator[index] += value``, with the rounding error kept aside."""
+        high, low = self._tensors[key], self._low[key]
+        if index is not None:
+            high, low = high[index], low[index]
+        _two_sum_into(high, low, value)
 
     def update_routing(self, routing: BatchRouting) -> None:
         """Called once per batch, before any expert runs."""
@@ -73,12 +93,24 @@ class Statistic:
 
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
+        """The accumulators; a compensated sum reads as ``high + low``."""
         if self._tensors is None:
             raise RuntimeError(f"statistic {self.name!r} has seen no batch")
-        return self._tensors
+        if not self._low:
+            return self._tensors
+        return {
+            key: tensor + self._low[key] if key in self._low else tensor
+            for key, tensor in self._tensors.items()
+        }
 
-    def all_reduce(self, group: dist.ProcessGroup | None = None) -> None:
-        """Reduce every accumulator across ranks (through CPU, for gloo groups)."""
+    def reduce_to_source(
+        self, group: dist.ProcessGroup | None = None, source: int = 0
+    ) -> None:
+        """
+        Reduce every accumulator onto rank ``source`` (through host memory, so a
+        gloo group serves any device). Only ``source`` decides, so only it needs
+        the totals, as in upstream REAP.
+        """
         if self._tensors is None:
             raise RuntimeError(
                 f"statistic {self.name!r} has no accumulators to reduce; call "
@@ -86,17 +118,49 @@ class Statistic:
             )
         for key in sorted(self._tensors):
             tensor = self._tensors[key]
+            if key in self._low:
+                self._gather_compensated(key, group, source)
+                continue
             op = (
                 dist.ReduceOp.MAX
                 if self.reduce_ops.get(key) == "max"
                 else dist.ReduceOp.SUM
             )
             host = tensor.cpu()
-            dist.all_reduce(host, op=op, group=group)
+            dist.reduce(host, dst=source, op=op, group=group)
             self._tensors[key] = host.to(tensor.device)
+
+    def _gather_compensated(self, key: str, group, source: int) -> None:
+        # a plain SUM would round once per rank: gather the pairs, two-sum them
+        tensor = self._tensors[key]
+        pair = torch.stack([tensor, self._low[key]]).cpu()
+        is_source = dist.get_rank() == source
+        parts = (
+            [torch.empty_like(pair) for _ in range(dist.get_world_size())]
+            if is_source
+            else None
+        )
+        dist.gather(pair, parts, dst=source, group=group)
+        if not is_source:
+            return
+        high, low = torch.zeros_like(pair[0]), torch.zeros_like(pair[0])
+        for part in parts:
+            _two_sum_into(high, low, part[0])
+            low += part[1]
+        self._tensors[key] = high.to(tensor.device)
+        self._low[key] = low.to(tensor.device)
 
     def ensure_allocated(self, device: torch.device, hidden_size: int) -> None:
         self._ensure(device, hidden_size)
+
+
+def _two_sum_into(high: torch.Tensor, low: torch.Tensor, value: torch.Tensor):
+    """high + low += value, in place: Knuth's error-free two-sum, any magnitudes."""
+    total = high + value
+    virtual = total - high
+    error = (high - (total - virtual)) + (value - virtual)
+    high.copy_(total)
+    low.add_(error)
 
 
 class RoutedExpertSums(Statistic):
@@ -114,6 +178,7 @@ class RoutedExpertSums(Statistic):
 
     name = "routed"
     reduce_ops = {"max_activation": "max"}
+    compensated = ("weighted_norm", "norm", "weight")
     _SUMS = ("count", "weighted_norm", "norm", "weight")
 
     def _allocate(self, device, hidden_size):
@@ -143,9 +208,10 @@ class RoutedExpertSums(Statistic):
         )
 
     def end_batch(self) -> None:
-        acc = self.tensors
-        for row, key in enumerate(self._SUMS):
-            acc[key] += self._batch[row]
+        acc = self._tensors
+        acc["count"] += self._batch[0]  # whole numbers: exact in fp64
+        for row, key in enumerate(self._SUMS[1:], start=1):
+            self._add(key, self._batch[row])
         torch.maximum(acc["max_activation"], self._batch[4], out=acc["max_activation"])
         self._batch.zero_()
 
@@ -160,6 +226,7 @@ class MeanExpertOutput(Statistic):
     """
 
     name = "mean_output"
+    compensated = ("output_sum",)
     needs_all_tokens = True
 
     def __init__(self, num_experts: int, gated: bool = False):
@@ -180,13 +247,13 @@ class MeanExpertOutput(Statistic):
                 "MeanExpertOutput needs every expert's output on every token: run "
                 "oneshot with moe_calibrate_all_experts=True"
             )
-        acc = self.tensors
+        acc = self._tensors  # raw accumulators: no high + low sum per update
         outputs = batch.all_outputs.double()
         if self.gated:
             routing = batch.routing
             gate = routing.probabilities()[routing.valid_tokens(), batch.expert]
             outputs = outputs * gate.double().unsqueeze(-1)
-        acc["output_sum"][batch.expert] += outputs.sum(dim=0)
+        self._add("output_sum", outputs.sum(dim=0), index=batch.expert)
         acc["tokens"][batch.expert] += outputs.shape[0]
 
     def mean(self) -> torch.Tensor:
@@ -203,6 +270,7 @@ class RouterLogitGram(Statistic):
     """
 
     name = "logit_gram"
+    compensated = ("gram",)
 
     def _allocate(self, device, hidden_size):
         return {
@@ -215,8 +283,8 @@ class RouterLogitGram(Statistic):
     def update_routing(self, routing: BatchRouting) -> None:
         super().update_routing(routing)
         logits = routing.logits()[routing.valid_tokens()].double()
-        acc = self.tensors
-        acc["gram"] += logits.T @ logits
+        acc = self._tensors
+        self._add("gram", logits.T @ logits)
         acc["tokens"] += logits.shape[0]
 
     def cosine(self) -> torch.Tensor:
@@ -230,74 +298,124 @@ class ActivationSamples(Statistic):
     """
     ``samples``: neuron activations h_j(x) = act(W_gate x) * (W_up x) of every
     expert on the **same** sampled tokens (``[E, capacity, D]``, in the
-    activations' dtype), and ``filled``, the number of tokens sampled so far.
+    activations' dtype), and ``keys``: the sampled tokens' keys.
 
-    Each batch contributes up to ``ceil(capacity / num_batches)`` valid tokens,
-    drawn with a generator seeded by ``(seed, batch index)``, so the sample is
-    deterministic and spread over the whole calibration set. Memory is
-    ``E * capacity * D * bytes`` whatever the number of calibration tokens.
+    The sample is the ``capacity`` calibration tokens with the smallest content
+    keys (:mod:`ream_modifiers.observe.token_keys`, re-mixed with ``seed``): a
+    uniform sample of every valid calibration token that does not depend on
+    batching, order or how ranks split the data, so a distributed run samples
+    exactly the tokens of a single run. Each batch replaces the held tokens whose
+    keys its own tokens beat. Memory is ``E * capacity * D * bytes`` whatever the
+    number of calibration tokens.
     """
 
     name = "activations"
     needs_all_tokens = True
     needs_intermediate = True
+    needs_token_keys = True
 
     def __init__(self, num_experts: int, intermediate_size: int, capacity: int, seed=0):
         super().__init__(num_experts)
         self.intermediate_size = intermediate_size
         self.capacity = capacity
         self.seed = seed
-        self.filled = 0
-        self._positions: torch.Tensor | None = None
-        self._start = 0
+        self._slots: torch.Tensor | None = None  # buffer rows this batch writes
+        self._positions: torch.Tensor | None = None  # their tokens in the batch
+        self._canonical = False
 
-    def _samples(self, tokens: int, dtype, device) -> dict[str, torch.Tensor]:
+    def _buffers(self, tokens: int, dtype, device) -> dict[str, torch.Tensor]:
         shape = (self.num_experts, tokens, self.intermediate_size)
-        return {"samples": torch.zeros(shape, dtype=dtype, device=device)}
+        return {
+            "samples": torch.zeros(shape, dtype=dtype, device=device),
+            "keys": torch.full((tokens,), EMPTY_KEY, dtype=torch.long, device=device),
+        }
 
     def update_routing(self, routing: BatchRouting) -> None:
         hidden = routing.hidden_states
         if self._tensors is None:  # sized here, in the activations' dtype
-            self._tensors = self._samples(self.capacity, hidden.dtype, hidden.device)
+            self._tensors = self._buffers(self.capacity, hidden.dtype, hidden.device)
+        self._canonical = False
         valid = routing.valid_tokens()
-        quota = -(-self.capacity // max(routing.num_batches, 1))
-        take = min(quota, self.capacity - self.filled, valid.numel())
-        self._start = self.filled
-        if take <= 0:
-            self._positions = None
+        incoming = reseeded(routing.keys()[valid], self.seed)
+        held = self.tensors["keys"]
+        candidates = torch.cat([held, incoming])
+        chosen = torch.topk(candidates, self.capacity, largest=False).indices
+        new = chosen[chosen >= self.capacity] - self.capacity
+        if new.numel() == 0:
+            self._slots = self._positions = None
             return
-        generator = torch.Generator().manual_seed(
-            self.seed * 1_000_003 + routing.batch_index
-        )
-        pick = torch.randperm(valid.numel(), generator=generator)[:take]
-        self._positions = valid[pick.to(valid.device)]
-        self.filled += take
+        stays = torch.zeros(self.capacity, dtype=torch.bool, device=held.device)
+        stays[chosen[chosen < self.capacity]] = True
+        # as many rows are freed (evicted or still empty) as new tokens enter
+        self._slots = (~stays).nonzero().flatten()
+        self._positions = valid[new]
+        held[self._slots] = incoming[new]
 
     def update_intermediate(self, expert, activations, routing) -> None:
         if self._positions is None:
             return
-        rows = activations[self._positions]
-        end = self._start + rows.shape[0]
-        self.tensors["samples"][expert, self._start : end] = rows.to(
-            self.tensors["samples"].dtype
-        )
+        samples = self.tensors["samples"]
+        samples[expert, self._slots] = activations[self._positions].to(samples.dtype)
 
     def ensure_allocated(self, device, hidden_size) -> None:
         if self._tensors is None:  # a rank that saw no batch contributes nothing
-            self._tensors = self._samples(0, torch.float32, device)
+            self._tensors = self._buffers(0, torch.float32, device)
 
-    def all_reduce(self, group=None) -> None:
-        """Concatenate every rank's samples (up to ``capacity``)."""
-        from torch import distributed as dist
+    @property
+    def filled(self) -> int:
+        """Number of tokens sampled so far."""
+        return int((self.tensors["keys"] != EMPTY_KEY).sum())
 
-        mine = self.tensors["samples"][:, : self.filled].float().cpu()
-        gathered = [None] * dist.get_world_size(group)
-        dist.all_gather_object(gathered, mine, group=group)
-        joined = torch.cat(gathered, dim=1)[:, : self.capacity]
+    def _canonicalise(self) -> None:
+        """Keep the sampled rows only, sorted by key: one order for any run."""
+        if self._canonical:
+            return
+        keys = self.tensors["keys"]
+        order = torch.argsort(keys, stable=True)[: self.filled]
+        self._tensors = {
+            "samples": self._tensors["samples"][:, order],
+            "keys": keys[order],
+        }
+        self._canonical = True
+
+    def reduce_to_source(self, group=None, source: int = 0) -> None:
+        """Merge every rank's sample on ``source``: the smallest keys of the union."""
+        mine = tuple(tensor.cpu() for tensor in self.sample())
+        is_source = (
+            dist.get_rank(group) == source
+            if group is not None
+            else (dist.get_rank() == source)
+        )
+        gathered = [None] * dist.get_world_size(group) if is_source else None
+        dist.gather_object(mine, gathered, dst=source, group=group)
         device = self.tensors["samples"].device
-        self._tensors["samples"] = joined.to(device)
-        self.filled = joined.shape[1]
+        if not is_source:
+            self._tensors = self._buffers(0, self.tensors["samples"].dtype, device)
+            return
+        keys, samples = self.smallest_keys(gathered, self.capacity)
+        self._tensors = {"samples": samples.to(device), "keys": keys.to(device)}
+
+    @staticmethod
+    def smallest_keys(
+        parts: list[tuple[torch.Tensor, torch.Tensor]], capacity: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Merge ``(keys [S_i], samples [E, S_i, D])`` parts into the ``capacity``
+        smallest keys of their union, in key order: what one run over all the
+        parts' tokens would have sampled.
+        """
+        keys = torch.cat([k for k, _ in parts])
+        # a rank that saw no batch sends an empty fp32 part: keep the data's dtype
+        dtype = max(parts, key=lambda part: part[0].numel())[1].dtype
+        samples = torch.cat([s.to(dtype) for _, s in parts], dim=1)
+        order = torch.argsort(keys, stable=True)[:capacity]
+        return keys[order], samples[:, order]
+
+    def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(keys [filled], activations [E, filled, D])``, in key order."""
+        self._canonicalise()
+        return self.tensors["keys"], self.tensors["samples"]
 
     def result(self) -> torch.Tensor:
-        """``[E, filled, D]`` sampled activations."""
-        return self.tensors["samples"][:, : self.filled]
+        """``[E, filled, D]`` sampled activations, in key order."""
+        return self.sample()[1]

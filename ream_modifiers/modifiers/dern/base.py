@@ -185,7 +185,10 @@ class DERNModifier(ExpertReductionModifier):
     def apply(self, layer: MoELayer, decision: LayerDecision) -> None:
         transfers = decision.plan["transfers"]
         importance = decision.plan["importance"]
-        weights = layer.stacked_weights()
+        weights = layer.stacked_weights()  # private copies of what is read
+        rows = layer.router_weight.detach().clone()
+        original = rows.float().clone()
+        self._sync_ranks()  # every rank has read before any rank writes
         width = weights.down.shape[-1]
         start = time.perf_counter()
         for target, received in transfers.items():
@@ -194,8 +197,6 @@ class DERNModifier(ExpertReductionModifier):
             )
             if new is not None:
                 write_expert(layer, target, **new)
-        rows = layer.router_weight.detach().clone()
-        original = rows.float().clone()
         for target, shares in router_transfer(transfers, width).items():
             for source, share in shares.items():
                 rows[target] += (share * original[source]).to(rows.dtype)

@@ -271,12 +271,13 @@ class ExpertMergingModifier(ExpertReductionModifier):
     # -- edit ------------------------------------------------------------------
 
     def apply(self, layer: MoELayer, decision: LayerDecision) -> None:
-        if decision.plan:
-            weights = layer.stacked_weights()
-            for centroid, (group, coefficients, perms) in decision.plan.items():
-                write_expert(
-                    layer, centroid, **merge_group(weights, group, coefficients, perms)
-                )
+        # a private copy: the in-place writes below cannot change what is merged
+        weights = layer.stacked_weights() if decision.plan else None
+        self._sync_ranks()  # every rank has read before any rank writes
+        for centroid, (group, coefficients, perms) in (decision.plan or {}).items():
+            write_expert(
+                layer, centroid, **merge_group(weights, group, coefficients, perms)
+            )
         keep_experts(layer, decision.kept)
 
 
