@@ -370,12 +370,12 @@ class ActivationSamples(Statistic):
         """Keep the sampled rows only, sorted by key: one order for any run."""
         if self._canonical:
             return
-        keys = self.tensors["keys"]
+        keys, samples = self.tensors["keys"], self.tensors["samples"]
         order = torch.argsort(keys, stable=True)[: self.filled]
-        self._tensors = {
-            "samples": self._tensors["samples"][:, order],
-            "keys": keys[order],
-        }
+        # in place, one expert at a time: no second [E, capacity, D] buffer
+        for expert in range(samples.shape[0]):
+            samples[expert, : order.numel()] = samples[expert, order]
+        self._tensors = {"samples": samples[:, : order.numel()], "keys": keys[order]}
         self._canonical = True
 
     def reduce_to_source(self, group=None, source: int = 0) -> None:
