@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -76,10 +77,6 @@ def _checkpoint_bytes(directory: Path) -> int:
     return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
 
 
-def _model_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
 def _checkpoint_parameters(directory: Path) -> int:
     """Logical parameter count of a saved (possibly packed) checkpoint."""
     from safetensors import safe_open
@@ -113,6 +110,10 @@ def compress(
     seed: int = 42,
     trust_remote_code: bool = False,
     command: str | None = None,
+    offload: str = "none",
+    offload_folder: str | None = None,
+    sequential_targets: list[str] | None = None,
+    sequential_targets_per_subgraph: int = 1,
 ) -> CompressionSummary | None:
     """
     Compress ``model`` with ``recipe`` into ``output``. The output is written to
@@ -129,6 +130,15 @@ def compress(
     ``expert_reduction.json``, ``compression_summary.json``, ``calibration.json``,
     a model card ``README.md`` and, with matplotlib, ``expert_saliency.png``.
 
+    Larger than memory: ``offload`` keeps the weights in CPU memory (``cpu``), on
+    disk in ``offload_folder`` (``disk``), or in CPU memory first and the rest on
+    disk (``auto``), and llm-compressor's sequential pipeline onloads one decoder
+    layer at a time; the folder must be empty or new and is emptied at the end.
+    ``sequential_targets`` (e.g. ``["Qwen3MoeAttention", "ExpertMLP"]``) and
+    ``sequential_targets_per_subgraph`` set the subgraphs of the modifiers after
+    the expert reduction (GPTQ); the reduction needs whole MoE blocks, so it then
+    runs first in its own oneshot with decoder-layer subgraphs.
+
     Under ``torchrun --nproc_per_node N`` every rank runs this function: each
     calibrates on its share of the rows, statistics are reduced onto the source
     rank, which decides, writes and checks the output and returns the summary;
@@ -137,29 +147,31 @@ def compress(
     :param overwrite: replace a non-empty ``output``
     :param trust_remote_code: run modelling code shipped with the model
     :param command: the command line, quoted in the model card
+    :param offload: ``none``, ``cpu``, ``disk`` or ``auto``
+    :param offload_folder: folder for ``disk`` and ``auto`` offloading
+    :param sequential_targets: module classes or names, one subgraph each
+    :param sequential_targets_per_subgraph: targets per subgraph
     :raises ream_modifiers.check.CheckpointCheckError: if the written checkpoint
         breaks a rule vLLM depends on (nothing is written to ``output`` then)
     """
-    from llmcompressor import oneshot
     from llmcompressor.recipe import Recipe
     from transformers import AutoTokenizer
 
     import ream_modifiers  # noqa: F401  (registers the modifiers)
-    from ream_modifiers.check import check_checkpoint
-    from ream_modifiers.data import build_calibration_dataset, build_mix
-    from ream_modifiers.distributed import (
-        barrier,
-        init_distributed,
-        is_source_process,
-        shard_for_rank,
-    )
-    from ream_modifiers.moe import find_moe_layers, load_moe_model
-    from ream_modifiers.saving import REPORT_FILENAME
+    from ream_modifiers.distributed import init_distributed
+    from ream_modifiers.moe import load_moe_model
+    from ream_modifiers.moe.offload import OffloadOptionError, check_offload_options
 
     recipe_path = resolve_recipe(recipe)
     init_distributed()  # a no-op unless started by torchrun
     if (dataset is None) == (mix is None):
         raise SystemExit("error: give exactly one of --dataset and --mix")
+    try:
+        check_offload_options(offload, offload_folder)
+    except OffloadOptionError as error:
+        raise SystemExit(f"error: {error}") from None
+    if sequential_targets_per_subgraph < 1:
+        raise SystemExit("error: --sequential-targets-per-subgraph must be >= 1")
     output_dir = Path(output)
     refuse_existing(output_dir, overwrite)
     # parse the recipe now: a typo must fail before the model is even loaded
@@ -173,13 +185,108 @@ def compress(
         model, trust_remote_code=trust_remote_code
     )
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    moe_model = load_moe_model(
-        model, dtype=torch_dtype, trust_remote_code=trust_remote_code
+    folder = None if offload_folder is None else Path(offload_folder)
+    folder_existed = folder is not None and folder.exists()
+    try:
+        moe_model = load_moe_model(
+            model,
+            dtype=torch_dtype,
+            trust_remote_code=trust_remote_code,
+            offload=offload,
+            offload_folder=offload_folder,
+        )
+        summary = _compress_model(
+            moe_model,
+            tokenizer,
+            recipe_path,
+            model=model,
+            dataset=dataset,
+            output_dir=output_dir,
+            num_samples=num_samples,
+            max_seq_len=max_seq_len,
+            text_field=text_field,
+            overwrite=overwrite,
+            calibrate_all_experts=calibrate_all_experts,
+            mix=mix,
+            mix_sources=mix_sources,
+            packing=packing,
+            chat_template=chat_template,
+            seed=seed,
+            trust_remote_code=trust_remote_code,
+            command=command,
+            sequential_targets=sequential_targets,
+            sequential_targets_per_subgraph=sequential_targets_per_subgraph,
+            start=start,
+        )
+    finally:
+        if folder is not None:
+            # only compressed-tensors' scratch files (links into the checkpoint,
+            # changed tensors) are in it: the folder was empty or new
+            _clear_folder(folder, remove=not folder_existed)
+    if summary is None:  # not the source rank of a torchrun job
+        return None
+    print(
+        "\n".join(
+            [
+                "",
+                "== ream-compress summary ==",
+                *summary.lines(),
+                f"output           {output_dir}",
+            ]
+        )
     )
+    return summary
+
+
+def _clear_folder(folder: Path, remove: bool) -> None:
+    if not folder.is_dir():
+        return
+    if remove:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _compress_model(
+    moe_model,
+    tokenizer,
+    recipe_path: Path,
+    *,
+    model: str,
+    dataset: str | None,
+    output_dir: Path,
+    num_samples: int,
+    max_seq_len: int,
+    text_field: str,
+    overwrite: bool,
+    calibrate_all_experts: bool,
+    mix: str | None,
+    mix_sources: dict[str, str] | None,
+    packing: bool,
+    chat_template: bool,
+    seed: int,
+    trust_remote_code: bool,
+    command: str | None,
+    sequential_targets: list[str] | None,
+    sequential_targets_per_subgraph: int,
+    start: float,
+) -> CompressionSummary | None:
+    """Calibrate, compress, check and publish a loaded model (see :func:`compress`)."""
+    from ream_modifiers.check import check_checkpoint
+    from ream_modifiers.data import build_calibration_dataset, build_mix
+    from ream_modifiers.distributed import barrier, is_source_process, shard_for_rank
+    from ream_modifiers.moe import find_moe_layers
+    from ream_modifiers.moe.offload import parameter_totals
+    from ream_modifiers.saving import REPORT_FILENAME
+
     layers = find_moe_layers(moe_model)
     experts_before = layers[0].num_experts
-    parameters_before = sum(p.numel() for p in moe_model.parameters())
-    bytes_before = _model_bytes(moe_model)
+    # counted without onloading: an offloaded model is not read back for this
+    parameters_before, bytes_before = parameter_totals(moe_model)
     logger.info(f"Building {num_samples} x {max_seq_len} calibration rows")
     if mix is not None:
         calibration, mix_report = build_mix(
@@ -206,15 +313,17 @@ def compress(
     # under torchrun each rank calibrates on its own share of the rows
     shard = shard_for_rank(calibration)
     with shared_staged_output(output_dir, overwrite) as partial:
-        oneshot(
-            model=moe_model,
-            dataset=shard,
-            recipe=str(recipe_path),
-            processor=tokenizer,
-            num_calibration_samples=len(shard),
-            max_seq_length=max_seq_len,
-            moe_calibrate_all_experts=calibrate_all_experts,
-            output_dir=str(partial),
+        _run_oneshot(
+            moe_model,
+            recipe_path,
+            partial,
+            calibration=shard,
+            tokenizer=tokenizer,
+            num_samples=len(shard),
+            max_seq_len=max_seq_len,
+            calibrate_all_experts=calibrate_all_experts,
+            sequential_targets=sequential_targets,
+            sequential_targets_per_subgraph=sequential_targets_per_subgraph,
         )
         barrier()  # every rank's part of the save is on disk
         if not is_source_process():
@@ -255,17 +364,76 @@ def compress(
             trust_remote_code=trust_remote_code,
             command=command,
         )
-    print(
-        "\n".join(
-            [
-                "",
-                "== ream-compress summary ==",
-                *summary.lines(),
-                f"output           {output_dir}",
-            ]
-        )
-    )
     return summary
+
+
+def _run_oneshot(
+    moe_model,
+    recipe_path: Path,
+    output: Path,
+    *,
+    calibration,
+    tokenizer,
+    num_samples: int,
+    max_seq_len: int,
+    calibrate_all_experts: bool,
+    sequential_targets: list[str] | None,
+    sequential_targets_per_subgraph: int,
+) -> None:
+    """
+    One ``oneshot`` of the recipe; or, with ``sequential_targets`` and modifiers
+    after the expert reduction, two: the reduction with decoder-layer subgraphs,
+    then the rest with the given targets, saved together with the whole recipe.
+    """
+    from llmcompressor import oneshot
+    from llmcompressor.recipe import Recipe
+
+    from ream_modifiers.modifiers.sequential import (
+        protect_routers,
+        split_at_expert_reduction,
+    )
+
+    common = dict(
+        dataset=calibration,
+        processor=tokenizer,
+        num_calibration_samples=num_samples,
+        max_seq_length=max_seq_len,
+        moe_calibrate_all_experts=calibrate_all_experts,
+    )
+    targets = dict(
+        sequential_targets=sequential_targets,
+        sequential_targets_per_subgraph=sequential_targets_per_subgraph,
+    )
+    if not sequential_targets:
+        oneshot(
+            model=moe_model, recipe=str(recipe_path), output_dir=str(output), **common
+        )
+        return
+    recipe = Recipe.create_instance(str(recipe_path))
+    reduction, rest = split_at_expert_reduction(recipe.modifiers)
+    if not reduction:
+        oneshot(
+            model=moe_model, recipe=recipe, output_dir=str(output), **common, **targets
+        )
+        return
+    if not rest:
+        logger.warning(
+            f"--sequential-targets {sequential_targets} not used: they apply to the "
+            "modifiers after the expert reduction, and the recipe has none"
+        )
+        oneshot(model=moe_model, recipe=recipe, output_dir=str(output), **common)
+        return
+    logger.info(
+        f"Two calibration passes: {[type(m).__name__ for m in reduction]} with "
+        f"decoder-layer subgraphs, then {[type(m).__name__ for m in rest]} with "
+        f"sequential targets {sequential_targets} "
+        f"({sequential_targets_per_subgraph} per subgraph)"
+    )
+    protect_routers(moe_model, reduction, rest)
+    oneshot(model=moe_model, recipe=reduction, **common)
+    oneshot(model=moe_model, recipe=rest, output_dir=str(output), **common, **targets)
+    # the save wrote only the second pass's modifiers
+    recipe.yaml(file_path=str(output / "recipe.yaml"))
 
 
 def _write_provenance(
@@ -462,6 +630,40 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         help="run experts on routed tokens only (faster; REAP/AIMER do not need all)",
     )
+    scale = run.add_argument_group(
+        "larger than memory",
+        "keep the weights off the execution device; llm-compressor's sequential "
+        "pipeline onloads one decoder layer (plus its calibration activations) at "
+        "a time",
+    )
+    scale.add_argument(
+        "--offload",
+        choices=["none", "cpu", "disk", "auto"],
+        default="none",
+        help="where the weights live: cpu memory, disk (--offload-folder), or auto "
+        "(cpu memory up to what is free less 5 GB, the rest on disk)",
+    )
+    scale.add_argument(
+        "--offload-folder",
+        metavar="DIR",
+        help="empty or new folder for --offload disk/auto (links to the checkpoint "
+        "and changed weights; emptied at the end)",
+    )
+    scale.add_argument(
+        "--sequential-targets",
+        nargs="+",
+        metavar="TARGET",
+        help="subgraph targets of the modifiers after the expert reduction, e.g. "
+        "Qwen3MoeAttention ExpertMLP for GPTQ per expert (the reduction runs "
+        "first in its own pass with whole decoder layers)",
+    )
+    scale.add_argument(
+        "--sequential-targets-per-subgraph",
+        type=int,
+        default=1,
+        metavar="N",
+        help="targets per subgraph with --sequential-targets (default 1)",
+    )
     show = commands.add_parser("demo", help="compress a small locally built MoE")
     show.add_argument("--output", default="demo-output")
     show.add_argument("--recipe", default="reap_w4a16")
@@ -534,6 +736,10 @@ def _compress(args: argparse.Namespace, command: str) -> int:
         seed=args.seed,
         trust_remote_code=args.trust_remote_code,
         command=command,
+        offload=args.offload,
+        offload_folder=args.offload_folder,
+        sequential_targets=args.sequential_targets,
+        sequential_targets_per_subgraph=args.sequential_targets_per_subgraph,
     )
     return 0
 

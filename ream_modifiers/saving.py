@@ -15,11 +15,14 @@ from transformers import PreTrainedModel
 
 from ream_modifiers.distributed import is_source_process
 from ream_modifiers.moe.edit import patch_saved_config
+from ream_modifiers.moe.offload import disk_offloaded
 
 __all__ = ["REPORT_FILENAME", "record_for_save", "install_save_hook"]
 
 REPORT_FILENAME = "expert_reduction.json"
 _STATE_ATTR = "_ream_save_state"
+# shard size when saving a model with weights on disk (bounds the save's memory)
+OFFLOADED_SHARD_SIZE = "2GB"
 
 
 def _state(model: PreTrainedModel) -> dict[str, Any]:
@@ -55,6 +58,10 @@ def install_save_hook(model: PreTrainedModel) -> None:
 
     @wraps(save)
     def save_pretrained(save_directory: str | os.PathLike, *args, **kwargs):
+        if disk_offloaded(model):
+            # transformers reads a disk-offloaded model back one shard at a time;
+            # llm-compressor's 20GB default would hold 20GB in memory
+            kwargs.setdefault("max_shard_size", OFFLOADED_SHARD_SIZE)
         result = save(save_directory, *args, **kwargs)
         finish_saved_checkpoint(model, save_directory)
         return result

@@ -267,3 +267,81 @@ def test_killed_run_leaves_no_output_and_a_rerun_succeeds(tiny_model_dir, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert check_checkpoint(out).ok
     assert (out / CARD_FILENAME).is_file()
+
+
+# -- larger than memory --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--offload", "disk"], "needs an offload folder"),
+        (["--offload-folder", "f"], "only used with offload 'disk' or 'auto'"),
+        (["--sequential-targets-per-subgraph", "0"], "must be >= 1"),
+    ],
+)
+def test_bad_offload_options_fail_before_loading(tmp_path, extra, message):
+    # the model does not exist: the error must come before it is loaded
+    with pytest.raises(SystemExit, match=message):
+        main(_args(tmp_path / "no-such-model", tmp_path / "out", "reap_w4a16", *extra))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_compress_with_disk_offload_matches_in_memory(tiny_model_dir, tmp_path):
+    """REAP + GPTQ W4A16 on disk-offloaded weights: the same checkpoint, bit for bit."""
+    import torch
+    from safetensors.torch import load_file
+
+    model = tiny_model_dir("qwen3_moe")
+    outputs = {}
+    for name, extra in [
+        ("mem", []),
+        ("disk", ["--offload", "disk", "--offload-folder", str(tmp_path / "off")]),
+    ]:
+        torch.manual_seed(0)  # oneshot shuffles the calibration rows
+        assert main(_args(model, tmp_path / name, "reap_w4a16", *extra)) == 0
+        outputs[name] = load_file(tmp_path / name / "model.safetensors")
+    assert not (tmp_path / "off").exists()  # the scratch folder is removed
+    assert outputs["disk"].keys() == outputs["mem"].keys()
+    for key, value in outputs["mem"].items():
+        assert torch.equal(outputs["disk"][key], value), key
+    summaries = [
+        json.loads((tmp_path / name / SUMMARY_FILENAME).read_text())
+        for name in ("mem", "disk")
+    ]
+    for key in ("parameters_before", "gib_before", "parameters_after"):
+        assert summaries[0][key] == summaries[1][key], key
+    assert check_checkpoint(tmp_path / "disk").ok
+
+
+def test_sequential_targets_quantize_per_expert_after_the_reduction(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    import llmcompressor
+
+    calls = []
+    original = llmcompressor.oneshot
+
+    def spy(**kwargs):
+        calls.append(kwargs)
+        return original(**kwargs)
+
+    monkeypatch.setattr(llmcompressor, "oneshot", spy)
+    out = tmp_path / "out"
+    targets = ["--sequential-targets", "Qwen3MoeAttention", "ExpertMLP"]
+    extra = [*targets, "--sequential-targets-per-subgraph", "4"]
+    assert main(_args(tiny_model_dir("qwen3_moe"), out, "reap_w4a16", *extra)) == 0
+    # the reduction with decoder-layer subgraphs, then GPTQ four experts at a time
+    assert len(calls) == 2
+    assert [type(m).__name__ for m in calls[0]["recipe"]] == ["REAPModifier"]
+    assert "sequential_targets" not in calls[0]
+    assert [type(m).__name__ for m in calls[1]["recipe"]] == ["GPTQModifier"]
+    assert calls[1]["sequential_targets"] == ["Qwen3MoeAttention", "ExpertMLP"]
+    assert calls[1]["sequential_targets_per_subgraph"] == 4
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    modifiers = next(iter(next(iter(recipe.values())).values()))
+    assert list(modifiers) == ["REAPModifier", "GPTQModifier"]
+    config = json.loads((out / "config.json").read_text())
+    assert "model.layers.0.mlp.gate" in config["quantization_config"]["ignore"]
+    assert config["num_experts"] == 6
+    assert check_checkpoint(out).ok

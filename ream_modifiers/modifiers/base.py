@@ -31,6 +31,7 @@ from ream_modifiers.distributed import (
     is_source_process,
 )
 from ream_modifiers.methods.selection import ExpertBudget, plan_budget
+from ream_modifiers.modifiers.sequential import check_sequential_targets
 from ream_modifiers.moe.edit import expert_count_values, keep_experts, sync_config
 from ream_modifiers.moe.layer import MoELayer, find_moe_layers
 from ream_modifiers.moe.load import ensure_hub_save_names
@@ -154,6 +155,7 @@ class ExpertReductionModifier(Modifier):
     def on_initialize(self, state: State, **kwargs) -> bool:
         model = state.model
         self._layers = find_moe_layers(model, self.ignore)
+        check_sequential_targets(model, self._layers, kwargs.get("sequential_targets"))
         if self.uniform_budget():
             self._plan_uniform_budget()
         self.validate_model(state, self._layers)

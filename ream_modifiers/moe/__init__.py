@@ -14,4 +14,5 @@ from ream_modifiers.moe.layer import (
     find_moe_layers,
 )
 from ream_modifiers.moe.load import load_moe_model
+from ream_modifiers.moe.offload import OffloadOptionError, write_parameter
 from ream_modifiers.moe.routing import RoutingSpec

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from compressed_tensors import align_module_device
+from compressed_tensors.offload import disable_onloading
 from llmcompressor.modeling.moe.linear_experts import ExpertMLP
 from loguru import logger
 from torch import nn
@@ -24,6 +25,7 @@ from transformers import PreTrainedModel
 
 from ream_modifiers.moe.architectures import MoEArchSpec, text_config
 from ream_modifiers.moe.layer import MoELayer
+from ream_modifiers.moe.offload import write_parameter
 
 __all__ = [
     "keep_experts",
@@ -98,6 +100,8 @@ def write_expert(
     """
     Overwrite expert ``index``'s weights in place (same shapes, same parameter
     objects, cast to the parameter dtype). Projections left as None are unchanged.
+    An offloaded expert's weights are written to its offload storage (CPU copy or
+    disk file) and to any onloaded copy, so later reads see the new values.
     """
     expert = layer.expert(index)
     updates = {
@@ -112,7 +116,8 @@ def write_expert(
         if value is None:
             continue
         linear = getattr(expert, proj, None)
-        target = None if linear is None else getattr(linear, attr, None)
+        with disable_onloading():  # shape check without reading an offloaded tensor
+            target = None if linear is None else getattr(linear, attr, None)
         if target is None:
             raise ValueError(f"{layer.name}.experts.{index} has no {proj}.{attr}")
         if tuple(target.shape) != tuple(value.shape):
@@ -120,8 +125,9 @@ def write_expert(
                 f"{layer.name}.experts.{index}.{proj}.{attr} has shape "
                 f"{tuple(target.shape)}, cannot write {tuple(value.shape)}"
             )
-        with align_module_device(linear):
-            getattr(linear, attr).copy_(value.to(target.device, target.dtype))
+        # not getattr(...).copy_(): for an offloaded module that would only change
+        # a temporary onloaded copy
+        write_parameter(linear, attr, value)
 
 
 @torch.no_grad()
@@ -138,6 +144,8 @@ def set_router_rows(
     """
     router = layer.router
     old = router.weight
+    # assignment goes through an offloaded module's cache, which stores the new
+    # tensor (or updates the stored one in place when the shape is unchanged)
     router.weight = nn.Parameter(
         rows.to(old.dtype).contiguous(), requires_grad=old.requires_grad
     )

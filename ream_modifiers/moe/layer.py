@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from compressed_tensors import align_module_device
+from compressed_tensors.offload import disable_onloading
 from llmcompressor.modeling.moe.linear_experts import ExpertMLP, LinearExperts2D
 from llmcompressor.modeling.moe.linearize import get_non_linearized_moes
 from torch import nn
@@ -251,7 +252,9 @@ def find_moe_layers(
         router = _resolve(module, spec.router_attr)
         if not isinstance(experts, LinearExperts2D) or router is None:
             continue
-        if not isinstance(getattr(router, "weight", None), torch.Tensor):
+        with disable_onloading():  # a type check; no need to read it from disk
+            router_weight = getattr(router, "weight", None)
+        if not isinstance(router_weight, torch.Tensor):
             raise MoEModelError(
                 f"{name}.{spec.router_attr} has no `weight` tensor; the "
                 f"{spec.model_type!r} router layout is not supported. Add a row to "

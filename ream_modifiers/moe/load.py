@@ -5,10 +5,21 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import sys
 from collections.abc import Iterator
 
 import torch
-from llmcompressor.modeling.moe.linearize import linearize_moe
+from compressed_tensors.offload.cache import OffloadCache
+from compressed_tensors.utils import patch_attr
+from llmcompressor.modeling.moe.conversion_mappings import (
+    get_linearize_load_mappings,
+    has_linearize_load_mappings,
+)
+from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
+from llmcompressor.modeling.moe.linearize import (
+    get_non_linearized_moes,
+    linearize_moe,
+)
 from loguru import logger
 from transformers import (
     AutoConfig,
@@ -22,6 +33,7 @@ from transformers.conversion_mapping import (
 )
 from transformers.core_model_loading import WeightRenaming
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.monkey_patching import clear_patch_mapping
 
 from ream_modifiers.moe.architectures import get_arch_spec, text_config
@@ -30,6 +42,7 @@ from ream_modifiers.moe.conversions import (
     per_expert_checkpoints,
     register_kimi_k2_mapping,
 )
+from ream_modifiers.moe.offload import Offload, offload_load_kwargs
 
 __all__ = ["load_moe_model", "load_context_available", "ensure_hub_save_names"]
 
@@ -85,6 +98,8 @@ def load_moe_model(
     dtype: torch.dtype | str = "auto",
     use_load_context: bool | None = None,
     trust_remote_code: bool = False,
+    offload: Offload = "none",
+    offload_folder: str | os.PathLike | None = None,
     **kwargs,
 ) -> PreTrainedModel:
     """
@@ -96,15 +111,31 @@ def load_moe_model(
     :func:`load_context_available`), the model is loaded fused and linearized
     afterwards; the resulting module structure is the same.
 
+    With ``offload``, the weights stay in CPU memory or on disk in compressed-tensors'
+    offloading (``load_offloaded_model``, which ``load_context()`` includes), and
+    llm-compressor's sequential pipeline onloads one decoder layer at a time to the
+    execution device. Without ``load_context()``, families that llm-compressor can
+    load linearized (Qwen2/3-MoE, Qwen3-Next, OLMoE, DeepSeek-V3, GLM-4.5) get
+    their per-expert modules built at construction, so the checkpoint's tensors
+    are used in place (disk: no copy is written); other families are loaded fused
+    and linearized layer by layer, which writes a linearized copy of the experts
+    to the offload folder.
+
     :param model_id: local path or hub ID
     :param dtype: torch dtype of the weights (``"auto"`` keeps the checkpoint's)
     :param use_load_context: force (True) or skip (False) ``load_context()``;
         by default it is used where available
     :param trust_remote_code: run modelling code shipped with the checkpoint
         (only for checkpoints you trust)
+    :param offload: ``none``, ``cpu``, ``disk`` or ``auto`` (CPU memory first,
+        then disk); see :func:`ream_modifiers.moe.offload.offload_load_kwargs`
+    :param offload_folder: empty or new folder for ``disk`` and ``auto``
     :param kwargs: forwarded to ``from_pretrained``
     :raises ValueError: if checkpoint tensors are missing for model weights
+    :raises ream_modifiers.moe.offload.OffloadOptionError: on an offload option that
+        cannot work, before anything is loaded
     """
+    kwargs.update(offload_load_kwargs(offload, offload_folder, kwargs))
     register_kimi_k2_mapping()
     config = _checkpoint_config(model_id, kwargs)
     if config is not None:
@@ -140,10 +171,98 @@ def load_moe_model(
                 f"load_context() failed ({error}); loading fused and linearizing "
                 "after load instead"
             )
+    if offload != "none":
+        return _load_offloaded(model_id, dtype, kwargs)
     # gpt-oss saved per expert (quantized by llm-compressor) loads too
     with per_expert_checkpoints(_model_type(model_id)):
         model = _load_checked(model_id, dtype, kwargs)
     return _linearized(model)
+
+
+def _load_offloaded(model_id, dtype, kwargs: dict) -> PreTrainedModel:
+    """
+    ``from_pretrained`` inside compressed-tensors' ``load_offloaded_model()``
+    (accelerate places the weights, then they are converted to compressed-tensors
+    offloading), with linear experts built at construction where llm-compressor
+    has a per-expert load mapping for the family.
+    """
+    from compressed_tensors.offload import load_offloaded_model
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(per_expert_checkpoints(_model_type(model_id)))
+        direct = stack.enter_context(_linear_experts_at_construction(model_id, kwargs))
+        stack.enter_context(load_offloaded_model())
+        model = _load_checked(model_id, dtype, kwargs)
+    if not direct:
+        logger.warning(
+            f"{type(model).__name__}: no per-expert load mapping; linearizing the "
+            "offloaded fused experts layer by layer (writes a linearized copy of the "
+            "experts to the offload folder)"
+        )
+    return _linearized(model)
+
+
+@contextlib.contextmanager
+def _linear_experts_at_construction(model_id, kwargs: dict) -> Iterator[bool]:
+    """
+    While active, the causal-LM class of ``model_id`` builds llm-compressor's
+    ``LinearExperts2D`` in place of its fused experts class, and the family's
+    per-expert checkpoint names load into it (yields True); yields False, changing
+    nothing, for families without a per-expert load mapping.
+
+    This is what ``load_context()`` does, narrowed to one class: transformers'
+    patch mechanism that ``load_context()`` uses scans every transformers module,
+    which imports torchvision. The replacement holds only during the model's
+    ``__init__``, so that transformers' weight initialisation still recognises
+    the original class.
+    """
+    config = kwargs.get("config") or AutoConfig.from_pretrained(
+        model_id, trust_remote_code=kwargs.get("trust_remote_code", False)
+    )
+    model_type = text_config(config).model_type
+    model_cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if model_cls is None or not has_linearize_load_mappings(model_type):
+        yield False
+        return
+    experts_cls, load_mapping, _ = get_linearize_load_mappings(model_type)
+    linear_cls = LinearExperts2D.get_linear_experts_cls(experts_cls)
+    defining_module = sys.modules[experts_cls.__module__]
+    original_init = model_cls.__init__
+
+    def init(self, *args, **init_kwargs):
+        with patch_attr(defining_module, experts_cls.__name__, linear_cls):
+            original_init(self, *args, **init_kwargs)
+
+    original_mapping = get_checkpoint_conversion_mapping(model_type)
+    register_checkpoint_conversion_mapping(model_type, load_mapping, overwrite=True)
+    try:
+        with patch_attr(model_cls, "__init__", init):
+            yield True
+    finally:
+        # later plain loads of the family must fuse its experts again
+        register_checkpoint_conversion_mapping(
+            model_type, original_mapping or [], overwrite=True
+        )
+
+
+def _linearize_offloaded(model: PreTrainedModel) -> None:
+    """
+    Linearize fused experts one layer at a time, each onloaded once (without
+    ``disable_offloading`` every per-expert slice would read the whole fused
+    tensor again), and drop the fused tensors' offloaded storage afterwards.
+    """
+    from compressed_tensors.offload import disable_offloading
+
+    for name, fused in get_non_linearized_moes(model):
+        config = getattr(fused, "config", model.config)
+        linear_cls = LinearExperts2D.get_linear_experts_cls(type(fused))
+        with disable_offloading():
+            linear = linear_cls.from_experts_module(fused, config)
+        model.set_submodule(name, linear)
+        for module in fused.modules():
+            if isinstance(module._parameters, OffloadCache):
+                for key in list(module._parameters):
+                    del module._parameters[key]  # deletes files it wrote
 
 
 def _load_checked(model_id, dtype, kwargs: dict) -> PreTrainedModel:
@@ -197,7 +316,10 @@ def _checkpoint_config(model_id, kwargs: dict):
 
 
 def _linearized(model: PreTrainedModel) -> PreTrainedModel:
-    linearize_moe(model)
+    if any(isinstance(m._parameters, OffloadCache) for m in model.modules()):
+        _linearize_offloaded(model)
+    else:
+        linearize_moe(model)
     ensure_hub_save_names(model)
     return model
 
