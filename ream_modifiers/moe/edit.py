@@ -143,26 +143,30 @@ def set_router_rows(
     and score-correction bias when given. The router module object is kept.
     """
     router = layer.router
-    old = router.weight
-    # assignment goes through an offloaded module's cache, which stores the new
-    # tensor (or updates the stored one in place when the shape is unchanged)
-    router.weight = nn.Parameter(
-        rows.to(old.dtype).contiguous(), requires_grad=old.requires_grad
-    )
+    _store(router, "weight", rows)
     if bias is not None:
-        old_bias = layer.router_bias
-        router.bias = nn.Parameter(
-            bias.to(old_bias.dtype).contiguous(), requires_grad=old_bias.requires_grad
-        )
+        _store(router, "bias", bias)
     if correction_bias is not None:
-        owner = layer.bias_owner
-        old_corr = getattr(owner, layer.bias_name)
-        new_corr = correction_bias.to(old_corr.dtype).contiguous()
-        if isinstance(old_corr, nn.Parameter):  # ERNIE's moe_statics
-            new_corr = nn.Parameter(new_corr, requires_grad=old_corr.requires_grad)
-        setattr(owner, layer.bias_name, new_corr)
+        _store(layer.bias_owner, layer.bias_name, correction_bias)
     if isinstance(getattr(router, "out_features", None), int):
         router.out_features = rows.shape[0]
+
+
+def _store(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """
+    Set ``module.<name>`` to ``value``: written in place when the shape is
+    unchanged (through the offload storage, source rank only where the ranks
+    share it), else assigned anew (a parameter stays a parameter), which an
+    offloaded module's cache stores on every rank.
+    """
+    old = getattr(module, name)
+    if tuple(old.shape) == tuple(value.shape):
+        write_parameter(module, name, value)
+        return
+    new = value.to(old.dtype).contiguous()
+    if isinstance(old, nn.Parameter):  # buffers (most correction biases) stay buffers
+        new = nn.Parameter(new, requires_grad=old.requires_grad)
+    setattr(module, name, new)
 
 
 def _set_cached_counts(layer: MoELayer, count: int) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from compressed_tensors.distributed import is_distributed, is_source_process
 from compressed_tensors.offload import disable_onloading, update_offload_parameter
 from compressed_tensors.offload.cache import DiskCache, OffloadCache
 from torch import nn
@@ -135,6 +136,12 @@ def write_parameter(module: nn.Module, name: str, value: torch.Tensor) -> None:
     cache (CPU copy or disk file, and the onloaded copy if one is held) for an
     offloaded one. The parameter object is kept.
 
+    Under ``torchrun`` every rank computes the same ``value``. Storage that the
+    ranks share (compressed-tensors' distributed CPU and disk caches) is written
+    by the source rank alone, as compressed-tensors requires; the other ranks
+    only refresh the onloaded copy they hold. The caller synchronises the ranks
+    before anyone reads the storage again (the modifiers do after each layer).
+
     :raises ValueError: if the shapes differ
     """
     with disable_onloading():  # the stored tensor's shape and dtype, no disk read
@@ -147,7 +154,24 @@ def write_parameter(module: nn.Module, name: str, value: torch.Tensor) -> None:
     # contiguous: the disk cache saves the tensor as is, and safetensors refuses a
     # non-contiguous one (e.g. DERN's recombined rows)
     value = value.detach().to(dtype=stored.dtype).contiguous()
+    cache = module._parameters if name in module._parameters else module._buffers
+    if _shared_between_ranks(cache) and not is_source_process():
+        onloaded = cache.keep_onloaded_values.get(cache.offloaded_values.get(name))
+        if onloaded is not None and onloaded is not stored:
+            with torch.no_grad():
+                onloaded.copy_(value.to(onloaded.device))
+        return
     update_offload_parameter(module, name, value)
+
+
+def _shared_between_ranks(cache: Any) -> bool:
+    """Whether ``cache`` keeps one copy for all ranks (not one per rank)."""
+    from compressed_tensors.offload.cache.dist_cpu import DistributedCPUCache
+    from compressed_tensors.offload.cache.dist_disk import DistributedDiskCache
+
+    return is_distributed() and isinstance(
+        cache, (DistributedCPUCache, DistributedDiskCache)
+    )
 
 
 def parameter_totals(model: nn.Module) -> tuple[int, int]:
