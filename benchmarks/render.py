@@ -77,15 +77,17 @@ def scale() -> str:
     result = json.loads((RESULTS / "scale.json").read_text())
     lines = [
         "| experts | tokens | GPTQ | model GiB | oneshot (s) | peak RSS / model "
-        "| peak above runtime / model | anon peak above runtime / model |",
-        "|---|---|---|---|---|---|---|---|",
+        "| peak above runtime / model | anon peak above runtime / model "
+        "| load avg before, after |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
         lines.append(
             f"| {row['experts']} | {row['tokens']} | {row.get('gptq', True)} | "
             f"{row['model_bytes'] / 2**30:.2f} | {row['oneshot_s']} | "
             f"{row['peak_rss_over_model']} | {row['peak_above_runtime_over_model']} | "
-            f"{row.get('peak_anon_above_runtime_over_model', '')} |"
+            f"{row.get('peak_anon_above_runtime_over_model', '')} | "
+            f"{', '.join(map(str, row.get('load_avg_1min', [])))} |"
         )
     return "\n".join(lines)
 
