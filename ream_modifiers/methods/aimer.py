@@ -16,6 +16,30 @@ def _sums(weight: torch.Tensor, dim: int | None) -> tuple[torch.Tensor, torch.Te
     return l1, l2.square()
 
 
+# fp32 elements per block on CPU: the block's fp32 copy (256 KiB) stays in the L2
+# cache for the second reduction, so each weight is read from memory once
+_CPU_BLOCK = 1 << 16
+
+
+def _streamed_sums(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Σ|w| and Σw² of one weight tensor in fp32. On an accelerator two whole-tensor
+    reductions (an expert's projection fits in its L2 cache, so the second one
+    reads from cache). On CPU, where torch's bf16 norms are slow, block by block:
+    convert a cache-sized block to fp32 once and take both sums from it.
+    """
+    if weight.device.type != "cpu":
+        return _sums(weight, dim=None)
+    flat = weight.reshape(-1)
+    abs_sum = torch.zeros((), dtype=torch.float32)
+    sq_sum = torch.zeros((), dtype=torch.float32)
+    for block in flat.split(_CPU_BLOCK):
+        block = block.float()
+        abs_sum += block.abs().sum()
+        sq_sum += torch.dot(block, block)
+    return abs_sum, sq_sum
+
+
 def _ratio(abs_sum: torch.Tensor, sq_sum: torch.Tensor, count: int) -> torch.Tensor:
     mean_abs = abs_sum / count
     rms = (sq_sum / count).sqrt()
@@ -48,8 +72,8 @@ def aimer_score(matrices: Sequence[torch.Tensor]) -> torch.Tensor:
 def aimer_score_experts(experts: Iterable[Iterable[torch.Tensor]]) -> torch.Tensor:
     """
     The same scores, streamed expert by expert from the model's own weight
-    tensors: nothing is stacked or copied, each weight is read once per norm
-    while it is still in cache, and results stay on the device until the end.
+    tensors: nothing is stacked, each weight is read from memory once (the second
+    sum reads it from cache), and results stay on the device until the end.
 
     :param experts: per expert, its projection weights (any shapes)
     :return: ``[E]`` fp32 scores
@@ -59,7 +83,7 @@ def aimer_score_experts(experts: Iterable[Iterable[torch.Tensor]]) -> torch.Tens
         abs_sum = sq_sum = None
         count = 0
         for weight in weights:
-            l1, sq = _sums(weight, dim=None)
+            l1, sq = _streamed_sums(weight)
             abs_sum = l1 if abs_sum is None else abs_sum + l1
             sq_sum = sq if sq_sum is None else sq_sum + sq
             count += weight.numel()
