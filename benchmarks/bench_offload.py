@@ -31,61 +31,22 @@ import argparse
 import json
 import resource
 import shutil
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-from common import RESULTS, header, quiet
+from common import (
+    RESULTS,
+    PeakSampler,
+    header,
+    memory_status,
+    print_result,
+    quiet,
+    run_measured,
+)
 
 HERE = Path(__file__).parent
 SHARD = "model-{:05d}-of-{:05d}.safetensors"
-
-
-# -- memory ---------------------------------------------------------------------
-
-
-def _status(field: str) -> int:
-    """Bytes of a /proc/self/status memory field (VmRSS, RssAnon, RssFile)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-class PeakSampler(threading.Thread):
-    """
-    Peaks of RssAnon (memory the run allocated) and RssFile (file pages mapped
-    into the process, e.g. memory-mapped safetensors: reclaimable page cache that
-    ru_maxrss also counts), sampled every 20 ms, overall and per phase.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.phase = "start"
-        self.peaks: dict[str, dict[str, int]] = {}
-        self.running = True
-
-    def sample(self) -> None:
-        peaks = self.peaks.setdefault(self.phase, {"anon": 0, "file": 0})
-        peaks["anon"] = max(peaks["anon"], _status("RssAnon"))
-        peaks["file"] = max(peaks["file"], _status("RssFile"))
-
-    def run(self) -> None:
-        while self.running:
-            self.sample()
-            time.sleep(0.02)
-
-    def enter(self, phase: str) -> None:
-        self.sample()
-        self.phase = phase
-
-    def stop(self) -> dict[str, dict[str, int]]:
-        self.running = False
-        self.join()
-        self.sample()
-        return self.peaks
 
 
 # -- the model ------------------------------------------------------------------
@@ -232,8 +193,8 @@ def child(args) -> None:
     dataset = build_calibration_dataset(
         "bundled", tokenizer, args.samples, args.seq_len
     )
-    runtime_rss = _status("VmRSS")  # interpreter, torch, llm-compressor, data
-    runtime_anon = _status("RssAnon")
+    runtime_rss = memory_status("VmRSS")  # interpreter, torch, llm-compressor, data
+    runtime_anon = memory_status("RssAnon")
     sampler = PeakSampler()
     sampler.start()
     sampler.enter("load")
@@ -268,7 +229,8 @@ def child(args) -> None:
         processor=tokenizer,
         num_calibration_samples=args.samples,
         max_seq_length=args.seq_len,
-        # the same batch order in both runs: REAM samples activations per batch
+        # a fixed order, as in the recorded run (the sums and REAM's activation
+        # samples no longer depend on it)
         shuffle_calibration_samples=False,
     )
     oneshot_s = time.perf_counter() - start
@@ -304,7 +266,7 @@ def child(args) -> None:
         "offload_folder_written_bytes": written,
         "phase_peaks_bytes": phases,
     }
-    print("RESULT " + json.dumps(result), flush=True)
+    print_result(result)
 
 
 def run_child(model_dir: Path, output: Path, args, offload_folder=None) -> dict:
@@ -332,11 +294,7 @@ def run_child(model_dir: Path, output: Path, args, offload_folder=None) -> dict:
     if args.max_cpu_gib is not None:
         command += ["--max-cpu-gib", str(args.max_cpu_gib)]
     start = time.perf_counter()
-    out = subprocess.run(command, capture_output=True, text=True, cwd=HERE)
-    lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-    if out.returncode or not lines:
-        raise RuntimeError(f"child failed ({out.returncode}):\n{out.stderr[-4000:]}")
-    result = json.loads(lines[-1][len("RESULT ") :])
+    result = run_measured(command, HERE)
     result["process_s"] = round(time.perf_counter() - start, 1)
     return result
 

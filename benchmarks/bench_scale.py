@@ -19,42 +19,23 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from common import RESULTS, gptq_stage, header, quiet
+from common import (
+    RESULTS,
+    PeakSampler,
+    gptq_stage,
+    header,
+    memory_status,
+    print_result,
+    quiet,
+    run_measured,
+)
 
 HERE = Path(__file__).parent
-
-
-def _status(field: str = "VmRSS") -> int:
-    """Bytes of a /proc/self/status memory field (VmRSS, RssAnon, RssFile)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-class AnonPeak(threading.Thread):
-    """
-    Samples RssAnon every 20 ms. ru_maxrss also counts file pages that the
-    safetensors memory map leaves resident (reclaimable page cache); the
-    anonymous peak is the memory the run actually allocated.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.peak = 0
-        self.running = True
-
-    def run(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, _status("RssAnon"))
-            time.sleep(0.02)
 
 
 def child(args) -> None:
@@ -72,9 +53,11 @@ def child(args) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     samples = args.samples * args.token_multiplier
     dataset = build_calibration_dataset("bundled", tokenizer, samples, args.seq_len)
-    runtime_rss = _status()  # interpreter, torch, llm-compressor, data
-    runtime_anon = _status("RssAnon")
-    sampler = AnonPeak()
+    runtime_rss = memory_status("VmRSS")  # interpreter, torch, llm-compressor, data
+    runtime_anon = memory_status("RssAnon")
+    # RssAnon: ru_maxrss also counts the safetensors pages the memory map leaves
+    # resident (reclaimable page cache); anonymous memory is what the run allocated
+    sampler = PeakSampler()
     sampler.start()
     start = time.perf_counter()
     model = load_moe_model(args.model_dir, dtype=torch.float32)
@@ -94,29 +77,24 @@ def child(args) -> None:
     )
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    sampler.running = False
-    sampler.join()
-    print(
-        "RESULT "
-        + json.dumps(
-            {
-                "tokens": samples * args.seq_len,
-                "load_s": round(load_s, 1),
-                "oneshot_s": round(seconds, 1),
-                "model_bytes": model_bytes,
-                "peak_rss_bytes": peak,
-                "peak_rss_over_model": round(peak / model_bytes, 3),
-                "runtime_rss_bytes": runtime_rss,
-                "peak_above_runtime_over_model": round(
-                    (peak - runtime_rss) / model_bytes, 3
-                ),
-                "peak_anon_bytes": sampler.peak,
-                "peak_anon_above_runtime_over_model": round(
-                    (sampler.peak - runtime_anon) / model_bytes, 3
-                ),
-            }
-        ),
-        flush=True,
+    peak_anon = max(phase["anon"] for phase in sampler.stop().values())
+    print_result(
+        {
+            "tokens": samples * args.seq_len,
+            "load_s": round(load_s, 1),
+            "oneshot_s": round(seconds, 1),
+            "model_bytes": model_bytes,
+            "peak_rss_bytes": peak,
+            "peak_rss_over_model": round(peak / model_bytes, 3),
+            "runtime_rss_bytes": runtime_rss,
+            "peak_above_runtime_over_model": round(
+                (peak - runtime_rss) / model_bytes, 3
+            ),
+            "peak_anon_bytes": peak_anon,
+            "peak_anon_above_runtime_over_model": round(
+                (peak_anon - runtime_anon) / model_bytes, 3
+            ),
+        }
     )
 
 
@@ -154,11 +132,7 @@ def run_child(model_dir: Path, multiplier: int, args, no_gptq=False) -> dict:
         "--seq-len",
         str(args.seq_len),
     ] + (["--no-gptq"] if no_gptq else [])
-    out = subprocess.run(command, capture_output=True, text=True, cwd=HERE)
-    lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-    if out.returncode or not lines:
-        raise RuntimeError(f"child failed ({out.returncode}):\n{out.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
+    return run_measured(command, HERE)
 
 
 def plot(result: dict, path: Path) -> None:

@@ -1,11 +1,14 @@
-"""What the benchmarks share: a random Qwen3-MoE, bundled calibration rows, and
-one timed ``oneshot`` run per modifier."""
+"""What the benchmarks share: a random Qwen3-MoE, bundled calibration rows, one
+timed ``oneshot`` run per modifier, memory sampling, and measured child runs."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -92,3 +95,62 @@ def header(args) -> dict:
         },
         "calibration": {"samples": args.samples, "seq_len": args.seq_len},
     }
+
+
+def memory_status(field: str) -> int:
+    """Bytes of a /proc/self/status memory field (VmRSS, RssAnon, RssFile)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakSampler(threading.Thread):
+    """
+    Peaks of RssAnon (memory the run allocated) and RssFile (file pages mapped
+    into the process, e.g. memory-mapped safetensors: reclaimable page cache that
+    ru_maxrss also counts), sampled every 20 ms, overall and per phase.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.phase = "start"
+        self.peaks: dict[str, dict[str, int]] = {}
+        self.running = True
+
+    def sample(self) -> None:
+        peaks = self.peaks.setdefault(self.phase, {"anon": 0, "file": 0})
+        peaks["anon"] = max(peaks["anon"], memory_status("RssAnon"))
+        peaks["file"] = max(peaks["file"], memory_status("RssFile"))
+
+    def run(self) -> None:
+        while self.running:
+            self.sample()
+            time.sleep(0.02)
+
+    def enter(self, phase: str) -> None:
+        self.sample()
+        self.phase = phase
+
+    def stop(self) -> dict[str, dict[str, int]]:
+        self.running = False
+        self.join()
+        self.sample()
+        return self.peaks
+
+
+def print_result(result: dict) -> None:
+    """A measured child's result, as the line :func:`run_measured` reads."""
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_measured(command: list[str], cwd: Path) -> dict:
+    """
+    Run a measured child process (a fresh process, so its peak RSS is its own)
+    and return the result it printed with :func:`print_result`.
+    """
+    out = subprocess.run(command, capture_output=True, text=True, cwd=cwd)
+    lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"child failed ({out.returncode}):\n{out.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
