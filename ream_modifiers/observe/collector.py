@@ -53,7 +53,6 @@ class BatchRouting:
     offsets: list[int]
     layer: MoELayer
     batch_index: int = 0
-    num_batches: int = 1
     # [T] content keys of the tokens (see token_keys), None where not recorded
     token_keys: torch.Tensor | None = None
     _logits: torch.Tensor | None = None
@@ -112,7 +111,6 @@ class BatchRouting:
             self.token_keys = positional_keys(
                 self.hidden_states.shape[0],
                 self.batch_index,
-                0,
                 self.hidden_states.device,
             )
         return self.token_keys
@@ -159,7 +157,6 @@ class LayerStatsCollector:
         self.token_keys = token_keys
         self.statistics = list(statistics)
         self.padding_masks = list(padding_masks)
-        self.num_batches = max(len(self.padding_masks), 1)
         self.batches_seen = 0
         self.tokens_seen = 0
         self._routing: BatchRouting | None = None
@@ -204,7 +201,6 @@ class LayerStatsCollector:
             valid,
             self.layer,
             batch_index=self.batches_seen,
-            num_batches=self.num_batches,
             token_keys=self._batch_keys(hidden_states),
         )
         for statistic in self.statistics:

@@ -93,15 +93,15 @@ def reseeded(keys: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def positional_keys(
-    tokens: int, batch_index: int, seed: int, device: torch.device
+    tokens: int, batch_index: int, device: torch.device
 ) -> torch.Tensor:
     """
-    Fallback keys from ``(seed, batch index, position)`` for a model whose
+    Fallback keys from ``(batch index, position)`` for a model whose
     embedding never saw token ids: deterministic in one process, but a
     distributed run then samples other tokens than a single one.
     """
     position = torch.arange(tokens, dtype=torch.long, device=device)
-    salt = _signed(((seed * 1_000_003 + batch_index) * 0x9E3779B97F4A7C15) % (1 << 64))
+    salt = _signed((batch_index * 0x9E3779B97F4A7C15) % (1 << 64))
     return _mix(position + salt) & _KEY_MASK
 
 
@@ -119,14 +119,13 @@ class TokenKeyRecorder:
     def __init__(self, padding_masks: Sequence[torch.Tensor | None]):
         self.padding_masks = list(padding_masks)
         self.keys: list[torch.Tensor | None] = []
-        self.handle = None
 
     def attach(
         self,
         embedding: torch.nn.Module,
         register: Callable[[torch.nn.Module, Callable, str], object],
     ) -> None:
-        self.handle = register(embedding, self._on_embedding_input, "forward_pre")
+        register(embedding, self._on_embedding_input, "forward_pre")
 
     @torch.no_grad()
     def _on_embedding_input(self, module, args) -> None:

@@ -50,10 +50,8 @@ def test_keys_differ_between_rows_positions_and_seeds():
     assert torch.equal(reseeded(keys, 0), keys)
     assert not bool((reseeded(keys, 7) == keys).any())
     assert torch.equal(reseeded(keys, 7), reseeded(keys, 7))
-    assert torch.equal(positional_keys(8, 3, 1, "cpu"), positional_keys(8, 3, 1, "cpu"))
-    assert not torch.equal(
-        positional_keys(8, 3, 1, "cpu"), positional_keys(8, 4, 1, "cpu")
-    )
+    assert torch.equal(positional_keys(8, 3, "cpu"), positional_keys(8, 3, "cpu"))
+    assert not torch.equal(positional_keys(8, 3, "cpu"), positional_keys(8, 4, "cpu"))
 
 
 def _routing(hidden, keys, valid=None, batch_index=0):
