@@ -30,6 +30,7 @@ from pathlib import Path
 import render
 import torch
 from common import RESULTS, gptq_stage, quiet
+from heldout import heldout_perplexity, ppl_recovery
 from llmcompressor import oneshot
 from llmcompressor.core import reset_session
 from llmcompressor.modifiers.quantization import GPTQModifier
@@ -56,7 +57,6 @@ METHODS = {
     "DERN": ream_modifiers.DERNModifier,
     "MoEITS": ream_modifiers.MoEITSModifier,
 }
-OUTPUT = RESULTS / "quality.json"
 
 
 def calibration_rows(tokenizer, count: int, seq_len: int = 128) -> list:
@@ -86,13 +86,18 @@ def checkpoint_mib(directory: Path) -> float:
     return round(total / 2**20, 2)
 
 
-def score_checkpoint(directory: Path, tokenizer) -> dict:
+def score_checkpoint(directory: Path, tokenizer, lm_eval: bool = True) -> dict:
+    """Held-out perplexity per domain (the headline), then the lm-eval tasks."""
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    return evaluate(model, tokenizer)
+    scores = heldout_perplexity(model, tokenizer)
+    if lm_eval:
+        scores.update(evaluate(model, tokenizer))
+    return scores
 
 
-def compress_and_score(recipe: list, calibration, tokenizer, count: int) -> dict:
-    """Compress the fixture with ``recipe``, save, reload and score the checkpoint."""
+def compress_fixture(recipe: list, calibration, tokenizer, count: int) -> tuple:
+    """``(model, seconds)``: the fixture in fp32 after one ``oneshot`` of
+    ``recipe`` on ``count`` calibration rows of 128 tokens."""
     reset_session()
     model = load_moe_model(FIXTURE / "model", dtype=torch.float32)
     start = time.perf_counter()
@@ -104,13 +109,20 @@ def compress_and_score(recipe: list, calibration, tokenizer, count: int) -> dict
         num_calibration_samples=count,
         max_seq_length=128,
     )
-    seconds = time.perf_counter() - start
+    return model, time.perf_counter() - start
+
+
+def compress_and_score(
+    recipe: list, calibration, tokenizer, count: int, lm_eval: bool = True
+) -> dict:
+    """Compress the fixture with ``recipe``, save, reload and score the checkpoint."""
+    model, seconds = compress_fixture(recipe, calibration, tokenizer, count)
     with tempfile.TemporaryDirectory() as out:
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
         del model
         row = {"mib": checkpoint_mib(Path(out)), "seconds": round(seconds, 1)}
-        row.update(score_checkpoint(Path(out), tokenizer))
+        row.update(score_checkpoint(Path(out), tokenizer, lm_eval))
     return row
 
 
@@ -144,12 +156,17 @@ def chart(rows: list[dict], path: Path) -> None:
         xs = [j + i * width for j, m in enumerate(methods) if m in by_method]
         present = [m for m in methods if m in by_method]
         text = f"{ratio:.0%} removed, {quant}"
-        top.bar(xs, [by_method[m]["recovery_mean"] for m in present], width, label=text)
+        top.bar(
+            xs,
+            [by_method[m]["heldout_recovery"]["mean"] for m in present],
+            width,
+            label=text,
+        )
         bottom.bar(xs, [by_method[m]["mib"] for m in present], width, label=text)
     original = next(r for r in rows if r["method"] == "original")
-    top.axhline(100, color="black", linewidth=0.8)
+    top.axhline(1.0, color="black", linewidth=0.8)
     bottom.axhline(original["mib"], color="black", linewidth=0.8)
-    top.set_ylabel("mean recovery vs original (%)")
+    top.set_ylabel("held-out perplexity recovery (mean of 3 domains)")
     bottom.set_ylabel("checkpoint size (MiB, bf16)")
     bottom.set_xticks([j + 0.4 - width / 2 for j in range(len(methods))], methods)
     top.legend(fontsize=8, ncol=2)
@@ -160,10 +177,21 @@ def chart(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.375, 0.5])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--no-quant", action="store_true")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument(
+        "--tag",
+        default="",
+        help="write results/quality_<tag>.json instead (e.g. a variant run)",
+    )
+    parser.add_argument("--only-quant", choices=["bf16", "W4A16"], default=None)
+    parser.add_argument(
+        "--no-lm-eval",
+        action="store_true",
+        help="score held-out perplexity only (the headline; minutes faster a row)",
+    )
     parser.add_argument("--calibration-rows", type=int, default=64)
     args = parser.parse_args()
     quiet()
@@ -171,15 +199,19 @@ def main() -> None:
     rows_ids = calibration_rows(tokenizer, args.calibration_rows)
     calibration = rows_dataset(rows_ids)
     done = {}
-    if args.resume and OUTPUT.is_file():
-        done = {label(r): r for r in json.loads(OUTPUT.read_text())["rows"]}
+    output = RESULTS / f"quality{'_' + args.tag if args.tag else ''}.json"
+    if args.resume and output.is_file():
+        done = {label(r): r for r in json.loads(output.read_text())["rows"]}
     table = []
 
     def record(row: dict) -> None:
         original = table[0] if table else row
         row["recovery"] = recovery(row, original)
         values = row["recovery"].values()
-        row["recovery_mean"] = round(sum(values) / len(values), 1)
+        row["recovery_mean"] = (
+            round(sum(values) / len(values), 1) if row["recovery"] else None
+        )
+        row["heldout_recovery"] = ppl_recovery(row, original)
         table.append(row)
         print(json.dumps(row), flush=True)
         RESULTS.mkdir(parents=True, exist_ok=True)
@@ -188,15 +220,18 @@ def main() -> None:
             "calibration": {"rows": len(rows_ids), "seq_len": 128},
             "rows": table,
         }
-        OUTPUT.write_text(json.dumps(result, indent=2) + "\n")
+        output.write_text(json.dumps(result, indent=2) + "\n")
 
     base = {"method": "original", "ratio": 0.0, "quant": "bf16"}
     if label(base) in done:
         record(done[label(base)])
     else:
-        scores = score_checkpoint(FIXTURE / "model", tokenizer)
+        scores = score_checkpoint(FIXTURE / "model", tokenizer, not args.no_lm_eval)
         record({**base, "mib": checkpoint_mib(FIXTURE / "model"), **scores})
-    for quant in ("bf16",) if args.no_quant else ("bf16", "W4A16"):
+    quants = ("bf16",) if args.no_quant else ("bf16", "W4A16")
+    if args.only_quant:
+        quants = (args.only_quant,)
+    for quant in quants:
         for ratio in args.ratios:
             for name in args.methods:
                 key = {"method": name, "ratio": ratio, "quant": quant}
@@ -204,10 +239,13 @@ def main() -> None:
                     record(done[label(key)])
                     continue
                 recipe = method_recipe(name, ratio, quant == "W4A16")
-                row = compress_and_score(recipe, calibration, tokenizer, len(rows_ids))
+                row = compress_and_score(
+                    recipe, calibration, tokenizer, len(rows_ids), not args.no_lm_eval
+                )
                 record({**key, **row})
-    chart(table, RESULTS / "quality.png")
-    print("\n" + render.quality())
+    if not args.tag:
+        chart(table, RESULTS / "quality.png")
+    print("\n" + render.quality(output.stem))
 
 
 if __name__ == "__main__":

@@ -16,21 +16,42 @@ from common import RESULTS
 from tasks_eval import METRICS
 
 
-def quality() -> str:
-    rows = json.loads((RESULTS / "quality.json").read_text())["rows"]
-    keys = list(METRICS)
-    lines = [
-        "| method | removed | weights | "
-        + " | ".join(keys)
-        + " | recovery % | MiB | time (s) |",
-        "|---|---|---|" + "---|" * (len(keys) + 3),
+def quality(stem: str = "quality") -> str:
+    """Headline: held-out perplexity recovery per domain; lm-eval tasks beside."""
+    rows = json.loads((RESULTS / f"{stem}.json").read_text())["rows"]
+    # lm-eval columns only where the run scored them (``--no-lm-eval`` skips)
+    keys = [k for k in METRICS if any(k in row for row in rows)]
+    lm_eval = [f"lm-eval {k}" for k in keys] + (["lm-eval recovery %"] if keys else [])
+    header = [
+        "method",
+        "removed",
+        "weights",
+        "held-out recovery general / code / math",
+        "**mean**",
+        *lm_eval,
+        "MiB",
+        "time (s)",
     ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        values = " | ".join(f"{row[k]:g}" for k in keys)
-        lines.append(
-            f"| {row['method']} | {row['ratio']:.0%} | {row['quant']} | {values} | "
-            f"{row['recovery_mean']} | {row['mib']} | {row.get('seconds', '')} |"
+        held = row.get("heldout_recovery")
+        domains = (
+            " / ".join(f"{held[d]:.3f}" for d in ("general", "code", "math"))
+            if held
+            else "-"
         )
+        cells = [
+            row["method"],
+            f"{row['ratio']:.1%}",
+            row["quant"],
+            domains,
+            f"**{held['mean']:.3f}**" if held else "-",
+            *(f"{row[k]:g}" if k in row else "-" for k in keys),
+            *([str(row.get("recovery_mean") or "-")] if keys else []),
+            str(row["mib"]),
+            str(row.get("seconds", "")),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -92,8 +113,47 @@ def scale() -> str:
     return "\n".join(lines)
 
 
+def ablation() -> str:
+    """Saliency x (prune, merge, verified merge) and merge options, by ratio."""
+    ratios = {"25%": "250", "37.5%": "375", "50%": "500"}
+    results = {}
+    for name, stem in ratios.items():
+        path = RESULTS / f"ablation_{stem}.json"
+        if path.is_file():
+            results[name] = json.loads(path.read_text())["rows"]
+    labels = list(dict.fromkeys(k for rows in results.values() for k in rows))
+    lines = [
+        "| row | " + " | ".join(results) + " | 50%: general / code / math |",
+        "|---|" + "---|" * (len(results) + 1),
+    ]
+    for label in labels:
+        cells = [
+            f"{rows[label]['recovery']['mean']:.3f}" if label in rows else "-"
+            for rows in results.values()
+        ]
+        row = results.get("50%", {}).get(label)
+        domains = (
+            " / ".join(f"{row['recovery'][d]:.3f}" for d in ("general", "code", "math"))
+            if row
+            else "-"
+        )
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {domains} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    tables = {"quality": quality, "pareto": pareto, "speed": speed, "scale": scale}
+    tables = {
+        "quality": quality,
+        "ablation": ablation,
+        "pareto": pareto,
+        "speed": speed,
+        "scale": scale,
+    }
     for name in sys.argv[1:] or tables:
-        table = pareto(name) if name.startswith("pareto") else tables[name]()
+        if name.startswith("pareto"):
+            table = pareto(name)
+        elif name.startswith("quality"):
+            table = quality(name)
+        else:
+            table = tables[name]()
         print(f"\n<!-- {name} -->\n" + table)

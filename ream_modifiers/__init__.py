@@ -1,11 +1,14 @@
 """
 ream-modifiers: expert pruning and merging for MoE LLMs as llm-compressor
 modifiers. Importing the package registers every modifier with llm-compressor's
-``ModifierFactory`` so that YAML recipes resolve the class names.
+``ModifierFactory`` so that YAML recipes resolve the class names, and makes
+llm-compressor's sequential pipeline calibrate with causal attention masks (see
+:mod:`ream_modifiers.causal_calibration`).
 """
 
 from llmcompressor.modifiers.factory import ModifierFactory
 
+from ream_modifiers import causal_calibration as _causal_calibration
 from ream_modifiers.modifiers import (
     AIMERModifier,
     DERNModifier,
@@ -62,3 +65,4 @@ def register() -> None:
 
 
 register()
+_causal_calibration.install()

@@ -167,6 +167,15 @@ def _method_lines(report: dict[str, Any]) -> list[str]:
         f"- **Method:** {method}, {cite}; experts {what}, routers sliced to match.",
         f"- **Settings:** `{json.dumps(settings, sort_keys=True)}`",
     ]
+    verified = [e for e in report["layers"].values() if "merge_errors" in e]
+    if verified:
+        proposed = sum(len(e["merge_errors"]) for e in verified)
+        undone = sum(len(e["merges_undone"]) for e in verified)
+        lines.append(
+            f"- **Merges verified:** {proposed - undone} of {proposed} proposed "
+            "merges kept; the others did not bring the layer's output closer to "
+            "the original on calibration tokens, so their members were pruned."
+        )
     return lines
 
 

@@ -197,7 +197,10 @@ def test_compress_with_a_calibration_mix(tiny_model_dir, tmp_path):
     assert not (out / "stale.txt").exists()  # --overwrite replaced the whole output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["code", "out"]
     card = (out / CARD_FILENAME).read_text()
-    assert "- expert-merging\n" in card
+    merged = any(entry["groups"] for entry in report[0]["layers"].values())
+    assert ("- expert-merging\n" in card) == merged
+    proposed = sum(len(e["merge_errors"]) for e in report[0]["layers"].values())
+    assert f"of {proposed} proposed merges kept" in card
     assert "mix of code 4, general 2, math 2 rows" in card
     with pytest.raises(SystemExit, match="exactly one of --dataset and --mix"):
         main(

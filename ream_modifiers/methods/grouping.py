@@ -22,6 +22,7 @@ __all__ = [
     "dominant_assignment",
     "hierarchical_groups",
     "check_group_capacity",
+    "within_distance",
 ]
 
 Groups = dict[int, list[int]]
@@ -113,18 +114,32 @@ def pseudo_group(
     return groups
 
 
+def within_distance(groups: Groups, distance: torch.Tensor, limit: float) -> Groups:
+    """
+    ``groups`` with every member farther than ``limit`` from its centroid left
+    out: such members are pruned instead of merged into a centroid they do not
+    resemble.
+    """
+    distance = distance.double().cpu()
+    return {
+        c: [m for m in members if float(distance[c, m]) <= limit]
+        for c, members in groups.items()
+    }
+
+
 def dominant_assignment(
-    frequency: torch.Tensor,
+    scores: torch.Tensor,
     similarity: torch.Tensor,
     kept: int,
     members: Sequence[int] | None = None,
 ) -> Groups:
     """
-    M-SMoE: the ``kept`` most frequently routed experts are dominant; every other
-    expert joins the dominant expert it is most similar to.
+    M-SMoE: the ``kept`` highest-scoring experts (by routing frequency in the
+    paper) are dominant; every other expert joins the dominant expert it is most
+    similar to.
     """
-    members = list(range(frequency.numel())) if members is None else list(members)
-    dominant = _ordered(frequency, members)[:kept]
+    members = list(range(scores.numel())) if members is None else list(members)
+    dominant = _ordered(scores, members)[:kept]
     similarity = similarity.double().cpu()
     groups: Groups = {d: [] for d in dominant}
     for m in members:

@@ -180,6 +180,18 @@ class MoELayer:
             bias = None if bias is None else bias.float().to(logits.device)
             return self.routing.route(logits, bias)
 
+    def activation(self):
+        """
+        ``(gate pre-activation or None, up pre-activation) -> neuron activations``
+        of this layer's experts, exactly as their forward applies it.
+        """
+        expert = self.expert(0)
+        if getattr(expert, "gate_proj", None) is not None:
+            apply_gate = expert._apply_gate
+            return lambda gate, up: apply_gate(torch.cat([gate, up], dim=-1))
+        act_fn = expert.act_fn
+        return lambda gate, up: act_fn(up)
+
     # -- weights ---------------------------------------------------------------
 
     @torch.no_grad()

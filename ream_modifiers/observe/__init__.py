@@ -7,6 +7,7 @@ from ream_modifiers.observe.collector import (
 from ream_modifiers.observe.padding import padding_masks_from_dataloader
 from ream_modifiers.observe.statistics import (
     ActivationSamples,
+    InputSamples,
     MeanExpertOutput,
     RoutedExpertSums,
     RouterLogitGram,

@@ -24,6 +24,7 @@ __all__ = [
     "MeanExpertOutput",
     "RouterLogitGram",
     "ActivationSamples",
+    "InputSamples",
 ]
 
 
@@ -173,22 +174,44 @@ class RoutedExpertSums(Statistic):
     - ``weight``: sum of g_j(x)
     - ``max_activation``: largest |f_j(x)| element (super-expert detection)
 
-    g_j is the weight the model multiplies expert j's output by.
+    g_j is the weight the model multiplies expert j's output by. With
+    ``probabilities=True`` also, with p_j(x) the router's unrenormalised score
+    (see :mod:`ream_modifiers.methods.saliency`):
+
+    - ``prob_sq_norm``: sum of p_j(x)²·‖f_j(x)‖₂
+    - ``prob_sq_norm_batch_means``: sum over batches of that batch's mean of
+      p_j(x)²·‖f_j(x)‖₂ over its routed tokens (0 where none)
+    - ``batches``: number of batches seen (the same for every expert)
+
+    Every entry is a sum over batches, so ranks combine by summing.
     """
 
     name = "routed"
     reduce_ops = {"max_activation": "max"}
-    compensated = ("weighted_norm", "norm", "weight")
     _SUMS = ("count", "weighted_norm", "norm", "weight")
+    _PROBABILITY_SUMS = ("prob_sq_norm", "prob_sq_norm_batch_means")
+
+    def __init__(self, num_experts: int, probabilities: bool = False):
+        super().__init__(num_experts)
+        self.probabilities = probabilities
+        self.compensated = ("weighted_norm", "norm", "weight") + (
+            self._PROBABILITY_SUMS if probabilities else ()
+        )
 
     def _allocate(self, device, hidden_size):
         zeros = torch.zeros(self.num_experts, dtype=torch.float64, device=device)
+        keys = (*self._SUMS, "max_activation")
+        if self.probabilities:
+            keys += (*self._PROBABILITY_SUMS, "batches")
         # one batch's per-expert values, folded into the sums in end_batch():
         # one small write per expert instead of one per accumulator
         self._batch = torch.zeros(
-            5, self.num_experts, dtype=torch.float64, device=device
+            6 if self.probabilities else 5,
+            self.num_experts,
+            dtype=torch.float64,
+            device=device,
         )
-        return {key: zeros.clone() for key in (*self._SUMS, "max_activation")}
+        return {key: zeros.clone() for key in keys}
 
     def update_expert(self, batch: ExpertBatch) -> None:
         if batch.token_index.numel() == 0:
@@ -196,24 +219,34 @@ class RoutedExpertSums(Statistic):
         norms = torch.linalg.vector_norm(batch.outputs, dim=-1, dtype=torch.float32)
         norms = norms.double()
         weights = batch.weights.double()
-        self._batch[:, batch.expert] = torch.stack(
-            [
-                # a fill kernel, not a host-to-device copy
-                torch.full((), norms.numel(), dtype=torch.float64, device=norms.device),
-                (weights * norms).sum(),
-                norms.sum(),
-                weights.sum(),
-                batch.outputs.abs().amax().double(),
-            ]
-        )
+        values = [
+            # a fill kernel, not a host-to-device copy
+            torch.full((), norms.numel(), dtype=torch.float64, device=norms.device),
+            (weights * norms).sum(),
+            norms.sum(),
+            weights.sum(),
+            batch.outputs.abs().amax().double(),
+        ]
+        if self.probabilities:
+            routing = batch.routing
+            p = routing.probabilities()[batch.token_index, batch.expert].double()
+            values.append((p * p * norms).sum())
+        self._batch[:, batch.expert] = torch.stack(values)
 
     def end_batch(self) -> None:
         acc = self._tensors
-        acc["count"] += self._batch[0]  # whole numbers: exact in fp64
+        batch = self._batch
+        acc["count"] += batch[0]  # whole numbers: exact in fp64
         for row, key in enumerate(self._SUMS[1:], start=1):
-            self._add(key, self._batch[row])
-        torch.maximum(acc["max_activation"], self._batch[4], out=acc["max_activation"])
-        self._batch.zero_()
+            self._add(key, batch[row])
+        torch.maximum(acc["max_activation"], batch[4], out=acc["max_activation"])
+        if self.probabilities:
+            self._add("prob_sq_norm", batch[5])
+            routed = batch[0]
+            mean = torch.where(routed > 0, batch[5] / routed.clamp(min=1), 0.0)
+            self._add("prob_sq_norm_batch_means", mean)
+            acc["batches"] += 1.0
+        batch.zero_()
 
 
 class MeanExpertOutput(Statistic):
@@ -419,3 +452,30 @@ class ActivationSamples(Statistic):
     def result(self) -> torch.Tensor:
         """``[E, filled, D]`` sampled activations, in key order."""
         return self.sample()[1]
+
+
+class InputSamples(ActivationSamples):
+    """
+    ``samples``: the MoE block's input x on the same content-keyed token sample as
+    :class:`ActivationSamples` with the same ``seed`` (``[1, capacity, H]``, in the
+    hidden states' dtype), so a method can replay the layer on calibration tokens.
+    Memory is ``capacity * H * bytes``.
+    """
+
+    name = "inputs"
+    needs_all_tokens = False
+    needs_intermediate = False
+
+    def __init__(self, hidden_size: int, capacity: int, seed=0):
+        super().__init__(1, hidden_size, capacity, seed)
+
+    def update_routing(self, routing: BatchRouting) -> None:
+        super().update_routing(routing)
+        if self._positions is not None:
+            samples = self.tensors["samples"]
+            hidden = routing.hidden_states[self._positions]
+            samples[0, self._slots] = hidden.to(samples.dtype)
+
+    def result(self) -> torch.Tensor:
+        """``[filled, H]`` sampled MoE inputs, in key order."""
+        return super().result()[0]

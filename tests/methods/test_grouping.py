@@ -77,3 +77,14 @@ def test_dominant_assignment_uses_frequency_then_similarity():
     similarity[1, 2] = similarity[2, 1] = 0.9
     similarity[3, 0] = similarity[0, 3] = 0.8
     assert dominant_assignment(frequency, similarity, 2) == {0: [3], 2: [1]}
+
+
+def test_within_distance_prunes_far_members_and_keeps_centroids():
+    from ream_modifiers.methods.grouping import within_distance
+
+    distance = torch.tensor(
+        [[0.0, 0.2, 0.5, 0.31], [0.2, 0, 0, 0], [0.5, 0, 0, 0], [0.31, 0, 0, 0]]
+    )
+    groups = {0: [1, 2, 3], 4: []}
+    assert within_distance(groups, distance, 0.3) == {0: [1], 4: []}
+    assert within_distance(groups, distance, 0.5) == {0: [1, 2, 3], 4: []}

@@ -51,7 +51,10 @@ def test_merging_identical_experts_keeps_the_function(load_tiny):
         torch.testing.assert_close(getattr(merged, name), getattr(original, name))
 
 
-def test_merge_none_keeps_the_same_experts_as_reap(load_tiny, calibration, tmp_path):
+@pytest.mark.parametrize("score", ["reap", "ream"])
+def test_merge_none_keeps_the_same_experts_as_reap(
+    load_tiny, calibration, tmp_path, score
+):
     _, ream = _run(
         load_tiny,
         calibration,
@@ -61,6 +64,7 @@ def test_merge_none_keeps_the_same_experts_as_reap(load_tiny, calibration, tmp_p
             num_experts=5,
             merge="none",
             group_size=0,
+            saliency=score,
             report_path=str(tmp_path / "ream.json"),
         ),
     )
@@ -69,7 +73,9 @@ def test_merge_none_keeps_the_same_experts_as_reap(load_tiny, calibration, tmp_p
         calibration,
         tmp_path,
         "qwen3_moe",
-        REAPModifier(num_experts=5, report_path=str(tmp_path / "reap.json")),
+        REAPModifier(
+            num_experts=5, saliency=score, report_path=str(tmp_path / "reap.json")
+        ),
     )
     for name, entry in reap["layers"].items():
         assert ream["layers"][name]["kept"] == entry["kept"]
@@ -202,3 +208,36 @@ def test_each_layer_drops_its_hooks_and_statistics_once_decided(load_tiny, calib
     # while layer i is applied, layers before it have no hooks left
     expected = [[j >= i for j in range(layers)] for i in range(layers)]
     assert live_at_apply == expected
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3"])
+def test_verify_merges_keeps_only_merges_that_reduce_the_error(
+    load_tiny, calibration, tmp_path, model_type
+):
+    report = tmp_path / "verify.json"
+    modifier = REAMModifier(
+        num_experts=4, verify_merges=True, group_size=0, report_path=str(report)
+    )
+    _, verified = _run(load_tiny, calibration, tmp_path, model_type, modifier)
+    modifier = REAMModifier(
+        num_experts=4, verify_merges=False, group_size=0, report_path=str(report)
+    )
+    _, unverified = _run(load_tiny, calibration, tmp_path, model_type, modifier)
+    undone_any = False
+    first = next(iter(verified["layers"]))
+    for name, entry in verified["layers"].items():
+        errors = {int(c): e for c, e in entry["merge_errors"].items()}
+        assert entry["verify_tokens"] > 0
+        for centroid in entry["groups"]:
+            # a merge that stayed reduced the replayed layer's output error
+            error = errors[int(centroid)]
+            assert error["merged"] < error["centroid"]
+        for centroid in entry["merges_undone"]:
+            assert str(centroid) not in entry["groups"]
+            undone_any = True
+        if name == first:  # later layers calibrate on different inputs
+            # the same groups were proposed; verifying only removes merges
+            proposed = unverified["layers"][name]["groups"]
+            assert set(errors) == {int(c) for c in proposed}
+            assert entry["kept"] == unverified["layers"][name]["kept"]
+    assert undone_any or any(e["groups"] for e in verified["layers"].values())

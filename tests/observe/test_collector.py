@@ -129,3 +129,73 @@ def test_memory_does_not_grow_with_batches(load_tiny):
         collector.batches_seen == 5
         and collector["routed"].tensors["count"].sum() == 5 * 48 * 2
     )
+
+
+def _hand_p_squared_norms(layer, hidden, index, valid):
+    """Per expert: p^2*||f|| of each routed valid token, p from the raw router."""
+    logits = (hidden.double() @ layer.router_weight.double().T).float()
+    if layer.router_bias is not None:
+        logits = logits + layer.router_bias.float()
+    sigmoid = layer.routing.scoring == "sigmoid"
+    p = logits.sigmoid() if sigmoid else logits.softmax(dim=-1)
+    per_expert: dict[int, list[float]] = {e: [] for e in range(layer.num_experts)}
+    with torch.no_grad():
+        for t in range(hidden.shape[0]):
+            if not valid[t]:
+                continue
+            for e in index[t].tolist():
+                norm = float(layer.expert(e)(hidden[t : t + 1]).norm())
+                per_expert[e].append(float(p[t, e]) ** 2 * norm)
+    return per_expert
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3", "minimax_m2"])
+def test_p_squared_sums_match_a_hand_computation(load_tiny, model_type):
+    """
+    REAM's saliency inputs over two batches: the exact sum and the mean of
+    per-batch means of p^2*||f|| over routed tokens, p the router's score before
+    selection (softmax, or sigmoid without the correction bias).
+    """
+    from ream_modifiers.methods.saliency import saliency
+
+    model, _, _ = load_tiny(model_type)
+    layer = find_moe_layers(model)[0]
+    if layer.correction_bias is not None:
+        # a bias that changes the selection, so ignoring it would be caught
+        with torch.no_grad():
+            layer.correction_bias.copy_(torch.linspace(-0.5, 0.5, layer.num_experts))
+    valid = torch.ones(20, dtype=torch.bool)
+    valid[6:10] = False
+    statistic = RoutedExpertSums(layer.num_experts, probabilities=True)
+    collector = LayerStatsCollector(layer, [statistic], padding_masks=[valid, None])
+    seen, handles = [], []
+    handles.append(
+        layer.experts.register_forward_pre_hook(lambda m, args: seen.append(args[:3]))
+    )
+    collector.attach(_register(handles))
+    with torch.no_grad():
+        model(sample_input_ids(batch=2, length=10, seed=3))
+        model(sample_input_ids(batch=1, length=12, seed=4))
+    for handle in handles:
+        handle.remove()
+    totals = torch.zeros(layer.num_experts, dtype=torch.float64)
+    counts = torch.zeros(layer.num_experts, dtype=torch.float64)
+    batch_means = torch.zeros(layer.num_experts, dtype=torch.float64)
+    masks = [valid, torch.ones(12, dtype=torch.bool)]
+    for (hidden, index, _), mask in zip(seen, masks, strict=True):
+        for e, values in _hand_p_squared_norms(layer, hidden, index, mask).items():
+            totals[e] += sum(values)
+            counts[e] += len(values)
+            batch_means[e] += sum(values) / len(values) if values else 0.0
+    sums = statistic.tensors
+    torch.testing.assert_close(sums["prob_sq_norm"], totals, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(sums["batches"], torch.full_like(totals, 2.0))
+    torch.testing.assert_close(
+        saliency(sums, "ream"), batch_means / 2, rtol=1e-5, atol=1e-7
+    )
+    expected_tokens = torch.where(counts > 0, totals / counts.clamp(min=1), 0.0)
+    torch.testing.assert_close(
+        saliency(sums, "ream_tokens"), expected_tokens, rtol=1e-5, atol=1e-7
+    )
+    # some expert is routed in one batch only: the two averages differ
+    assert not torch.allclose(saliency(sums, "ream"), expected_tokens)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
+from ream_modifiers.methods.saliency import Saliency
 from ream_modifiers.modifiers.ream.base import ExpertMergingModifier, Grouping, Merge
 from ream_modifiers.modifiers.reap.base import REAPModifier
 
@@ -41,6 +42,7 @@ class HCSMoEModifier(ExpertMergingModifier):
     grouping: Grouping = "hcsmoe"
     merge: Merge = "weighted"
     merge_coefficients: Literal["saliency", "frequency"] = "frequency"
+    saliency: Saliency = "frequency"
     gated_similarity: bool = False
     group_size: int = 0
 
@@ -69,7 +71,7 @@ class MSMoEModifier(ExpertMergingModifier):
     grouping: Grouping = "mcsmoe"
     merge: Merge = "weight_matching"
     merge_coefficients: Literal["saliency", "frequency"] = "frequency"
-    saliency: Literal["reap", "frequency"] = "frequency"
+    saliency: Saliency = "frequency"
     gated_similarity: bool = False
     group_size: int = 0
 

@@ -18,6 +18,7 @@ from ream_modifiers.methods.dern import (
     recombine_expert,
     router_transfer,
 )
+from ream_modifiers.methods.saliency import Saliency, needs_probabilities, saliency
 from ream_modifiers.methods.selection import select_kept
 from ream_modifiers.modifiers.base import ExpertReductionModifier, LayerDecision
 from ream_modifiers.moe.edit import keep_experts, set_router_rows, write_expert
@@ -81,6 +82,10 @@ class DERNModifier(ExpertReductionModifier):
     :param kmeans_iters: most k-means iterations per retained expert
     :param block_elements: similarities computed at once in the segment search
     :param seed: recorded in the report (the algorithm is deterministic)
+    :param saliency: the expert score that ranks experts and weights their
+        segments in the k-means: ``weighted_frequency`` (default) is the paper's
+        I_e, reported divided by the number of calibration tokens; any other
+        name of :mod:`ream_modifiers.methods.saliency` replaces it
     """
 
     requires_calibration_data: bool = True
@@ -90,6 +95,7 @@ class DERNModifier(ExpertReductionModifier):
     kmeans_iters: int = 30
     block_elements: int = 1 << 26
     seed: int = 0
+    saliency: Saliency = "weighted_frequency"
 
     method: ClassVar[str] = "DERN"
     paper: ClassVar[str] = "https://arxiv.org/abs/2509.10377"
@@ -131,13 +137,18 @@ class DERNModifier(ExpertReductionModifier):
             )
 
     def statistics(self, layer: MoELayer) -> list:
-        return [RoutedExpertSums(layer.num_experts)]
+        probabilities = needs_probabilities(self.saliency)
+        return [RoutedExpertSums(layer.num_experts, probabilities=probabilities)]
 
-    @staticmethod
-    def importance(sums: dict[str, torch.Tensor], top_k: int) -> torch.Tensor:
-        """I_e = sum of routed weights / number of tokens (each routes top_k)."""
-        tokens = (sums["count"].sum() / top_k).clamp(min=1)
-        return sums["weight"].double() / tokens
+    def importance(self, sums: dict[str, torch.Tensor], top_k: int) -> torch.Tensor:
+        """
+        The configured saliency; the paper's I_e (``weighted_frequency``) is the
+        sum of routed weights / number of tokens (each token routes top_k).
+        """
+        scores = saliency(sums, self.saliency)
+        if self.saliency != "weighted_frequency":
+            return scores
+        return scores / (sums["count"].sum() / top_k).clamp(min=1)
 
     def decide(
         self, layer: MoELayer, collector: LayerStatsCollector | None

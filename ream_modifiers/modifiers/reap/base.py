@@ -7,12 +7,17 @@ Compression", 2025. https://arxiv.org/abs/2510.13999
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 from pydantic import PrivateAttr
 
-from ream_modifiers.methods.saliency import saliency, super_expert_mask
+from ream_modifiers.methods.saliency import (
+    Saliency,
+    needs_probabilities,
+    saliency,
+    super_expert_mask,
+)
 from ream_modifiers.methods.selection import select_kept
 from ream_modifiers.modifiers.base import ExpertReductionModifier, LayerDecision
 from ream_modifiers.moe.layer import MoELayer
@@ -79,8 +84,10 @@ class REAPModifier(ExpertReductionModifier):
         percentile runs over the layers seen so far.
     :param super_expert_layer_fraction: share of MoE layers (from the first) where
         super experts are protected
-    :param saliency: ``reap`` (default); ``ean``, ``ean_mean``, ``frequency`` and
-        ``weighted_frequency`` select the baselines of the REAP paper
+    :param saliency: ``reap`` (default, the paper's score); ``ream`` and
+        ``ream_tokens`` rank by the REAM reference's p^2*||f||; ``ean``,
+        ``ean_mean``, ``frequency`` and ``weighted_frequency`` select the baselines
+        of the REAP paper (definitions in :mod:`ream_modifiers.methods.saliency`)
     :param ignore: regexes of MoE block names to leave untouched
     :param report_path: ``.json`` file for per-layer scores and kept experts
     """
@@ -89,9 +96,7 @@ class REAPModifier(ExpertReductionModifier):
 
     preserve_super_experts: bool = False
     super_expert_layer_fraction: float = 0.75
-    saliency: Literal["reap", "ean", "ean_mean", "frequency", "weighted_frequency"] = (
-        "reap"
-    )
+    saliency: Saliency = "reap"
 
     method: ClassVar[str] = "REAP"
     paper: ClassVar[str] = "https://arxiv.org/abs/2510.13999"
@@ -99,7 +104,8 @@ class REAPModifier(ExpertReductionModifier):
     _seen_max_activations: list[torch.Tensor] = PrivateAttr(default_factory=list)
 
     def statistics(self, layer: MoELayer) -> list:
-        return [RoutedExpertSums(layer.num_experts)]
+        probabilities = needs_probabilities(self.saliency)
+        return [RoutedExpertSums(layer.num_experts, probabilities=probabilities)]
 
     def decide(
         self, layer: MoELayer, collector: LayerStatsCollector | None
