@@ -250,10 +250,16 @@ class ExpertMergingModifier(ExpertReductionModifier):
             check = self._verify_merges(layer, collector, groups, plan)
         merged = {str(c): m for c, m in sorted(groups.items()) if m}
         if self.merge != "none":
+            verified = (
+                f" ({len(check['merges_undone'])} of {len(check['merge_errors'])} "
+                "proposed merges undone: no better than the centroid alone)"
+                if check
+                else ""
+            )
             logger.info(
                 f"{self.method} {layer.name}: {len(merged)} merged groups, sizes "
-                f"{sorted((len(m) + 1 for m in merged.values()), reverse=True)}, "
-                f"alignment {align_seconds:.2f}s"
+                f"{sorted((len(m) + 1 for m in merged.values()), reverse=True)}"
+                f"{verified}, alignment {align_seconds:.2f}s"
             )
         return LayerDecision(
             kept=sorted(groups),
