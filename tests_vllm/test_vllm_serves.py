@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM
 
 from ream_modifiers import REAMModifier, REAPModifier
 from ream_modifiers.moe.conversions import per_expert_checkpoints
-from tests.conftest import run_modifier
+from tests.conftest import NUM_SAMPLES, SEQ_LEN, run_modifier
 
 ROOT = Path(__file__).parents[1]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
@@ -131,3 +131,33 @@ def test_vllm_refuses_a_checkpoint_missing_a_tensor(load_tiny, calibration, tmp_
     )
     assert run.returncode != 0
     assert "not initialized from checkpoint" in run.stderr
+
+
+FIXTURE = ROOT / "benchmarks" / "fixture" / "model"
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_trained_fixture_outputs_match(tmp_path, method):
+    """The trained fixture (real routing, not random weights), 25% removed."""
+    from transformers import AutoTokenizer
+
+    from ream_modifiers.data import build_calibration_dataset
+    from ream_modifiers.moe import load_moe_model
+
+    tokenizer = AutoTokenizer.from_pretrained(FIXTURE)
+    model = load_moe_model(FIXTURE, dtype=torch.float32)
+    dataset = build_calibration_dataset("bundled", tokenizer, NUM_SAMPLES, SEQ_LEN)
+    run_modifier(model, tokenizer, dataset, METHODS[method]())
+    out = tmp_path / "out"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    prompts = [
+        tokenizer(text)["input_ids"]
+        for text in (
+            "ROMEO: But soft, what light",
+            "def fibonacci(n):\n    ",
+            "12 + 35 = ",
+        )
+    ]
+    expected = _transformers_greedy(out, "qwen3_moe", prompts)
+    assert _vllm_greedy(out, prompts, tmp_path) == expected
