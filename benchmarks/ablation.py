@@ -25,9 +25,10 @@ import argparse
 import json
 import time
 
+import render
 import torch
 from common import RESULTS, quiet
-from heldout import DOMAINS, heldout_perplexity, heldout_texts, ppl_recovery
+from heldout import heldout_perplexity, heldout_texts, ppl_recovery
 from quality import FIXTURE, calibration_rows, compress_fixture
 from transformers import AutoTokenizer
 
@@ -55,18 +56,6 @@ def run(modifier, calibration, tokenizer, count: int, texts) -> dict:
     model, seconds = compress_fixture([modifier], calibration, tokenizer, count)
     scores = heldout_perplexity(model, tokenizer, texts)
     return {**scores, "seconds": round(seconds, 1)}
-
-
-def render(result: dict) -> str:
-    lines = [
-        "| row | " + " | ".join(DOMAINS) + " | mean recovery |",
-        "|---|" + "---|" * (len(DOMAINS) + 1),
-    ]
-    for label, row in result["rows"].items():
-        rec = row["recovery"]
-        values = " | ".join(f"{rec[d]:.3f}" for d in DOMAINS)
-        lines.append(f"| {label} | {values} | **{rec['mean']:.3f}** |")
-    return "\n".join(lines)
 
 
 def main() -> None:
@@ -111,7 +100,7 @@ def main() -> None:
         RESULTS.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(result, indent=2) + "\n")
         print(label, json.dumps(row["recovery"]), f"{row['seconds']}s", flush=True)
-    print("\n" + render(result))
+    print("\n" + render.ablation())
 
 
 if __name__ == "__main__":

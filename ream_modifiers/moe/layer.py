@@ -172,13 +172,23 @@ class MoELayer:
             bias = None if bias is None else bias.float()
             return nn.functional.linear(hidden_states.float(), weight, bias)
 
-    def route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(top_k_index, top_k_weights)`` exactly as the model routes."""
+    def route(
+        self, hidden_states: torch.Tensor, among: Sequence[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        ``(top_k_index, top_k_weights)`` exactly as the model routes; with
+        ``among``, as it would route once only those experts (router rows and
+        biases) are kept, the indices pointing into ``among``.
+        """
         logits = self.router_logits(hidden_states)
         with align_module_device(self.router):
             bias = self.correction_bias
             bias = None if bias is None else bias.float().to(logits.device)
-            return self.routing.route(logits, bias)
+        if among is not None:
+            kept = torch.as_tensor(list(among), device=logits.device)
+            logits = logits[:, kept]
+            bias = None if bias is None else bias[kept]
+        return self.routing.route(logits, bias)
 
     def activation(self):
         """

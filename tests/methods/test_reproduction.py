@@ -10,16 +10,10 @@ from ream_modifiers.moe import find_moe_layers, keep_experts, write_expert
 
 def _merge_errors(layer, tokens, kept, merged) -> dict:
     """``merge_helps`` with the layer's own routing before and after the cut."""
-    logits = layer.router_logits(tokens)
-    bias = layer.correction_bias
-    index = torch.tensor(kept)
-    compressed = layer.routing.route(
-        logits[:, index], None if bias is None else bias.float()[index]
-    )
     return merge_helps(
         tokens,
         layer.route(tokens),
-        compressed,
+        layer.route(tokens, among=kept),
         kept,
         layer.stacked_weights(),
         merged,

@@ -217,3 +217,16 @@ def test_gpt_oss_merge_averages_biases(load_tiny):
     torch.testing.assert_close(
         merged["down_bias"], 0.25 * weights.down_bias[2] + 0.75 * weights.down_bias[5]
     )
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_routing_among_kept_experts_equals_the_pruned_layer(load_tiny, model_type):
+    model, _, _ = load_tiny(model_type)
+    layer = find_moe_layers(model)[0]
+    kept = [0, 1, 4, 5]  # two per router group where the router has groups
+    hidden = torch.randn(64, layer.router_weight.shape[-1])
+    index, weights = layer.route(hidden, among=kept)
+    keep_experts(layer, kept)
+    pruned_index, pruned_weights = layer.route(hidden)
+    assert torch.equal(index, pruned_index)
+    torch.testing.assert_close(weights, pruned_weights)

@@ -37,7 +37,7 @@ from ream_modifiers.methods.reproduction import merge_helps
 from ream_modifiers.methods.saliency import Saliency, needs_probabilities, saliency
 from ream_modifiers.modifiers.base import ExpertReductionModifier, LayerDecision
 from ream_modifiers.moe.edit import keep_experts, write_expert
-from ream_modifiers.moe.layer import MoELayer
+from ream_modifiers.moe.layer import ExpertWeights, MoELayer
 from ream_modifiers.observe import (
     ActivationSamples,
     InputSamples,
@@ -242,12 +242,16 @@ class ExpertMergingModifier(ExpertReductionModifier):
         coefficient_scores = (
             scores if self.merge_coefficients == "saliency" else sums["count"]
         )
+        # one copy of the layer's experts serves alignment and verification
+        reads_weights = bool(_ALIGN_WITH.get(self.merge)) or self.verify_merges
+        merges = self.merge != "none" and any(groups.values())
+        weights = layer.stacked_weights() if merges and reads_weights else None
         start = time.perf_counter()
-        plan = self._merge_plan(layer, collector, groups, coefficient_scores)
+        plan = self._merge_plan(collector, groups, coefficient_scores, weights)
         align_seconds = time.perf_counter() - start
         check = {}
         if self.verify_merges and plan:
-            check = self._verify_merges(layer, collector, groups, plan)
+            check = self._verify_merges(layer, collector, groups, plan, weights)
         merged = {str(c): m for c, m in sorted(groups.items()) if m}
         if self.merge != "none":
             verified = (
@@ -274,24 +278,13 @@ class ExpertMergingModifier(ExpertReductionModifier):
             plan=plan,
         )
 
-    @staticmethod
-    def _replay_routing(layer: MoELayer, tokens: torch.Tensor, kept: list[int]):
-        """``(original, compressed)`` routings ``(index, weights)`` of ``tokens``;
-        compressed indices point into ``kept``."""
-        logits = layer.router_logits(tokens)
-        bias = layer.correction_bias
-        kept_index = torch.as_tensor(kept, device=logits.device)
-        if bias is not None:
-            bias = bias.float().to(logits.device)[kept_index]
-        compressed = layer.routing.route(logits[:, kept_index], bias)
-        return layer.route(tokens), compressed
-
     def _verify_merges(
         self,
         layer: MoELayer,
         collector: LayerStatsCollector,
         groups: Groups,
         plan: dict,
+        weights: ExpertWeights,
     ) -> dict:
         """
         Replay the layer on the sampled calibration inputs; undo (in ``groups``
@@ -300,16 +293,14 @@ class ExpertMergingModifier(ExpertReductionModifier):
         """
         tokens = collector["inputs"].result()
         kept = sorted(groups)
-        weights = layer.stacked_weights()
         merged = {
             centroid: merge_group(weights, group, coefficients, perms)
             for centroid, (group, coefficients, perms) in plan.items()
         }
-        original, compressed = self._replay_routing(layer, tokens, kept)
         errors = merge_helps(
             tokens,
-            original,
-            compressed,
+            layer.route(tokens),
+            layer.route(tokens, among=kept),
             kept,
             weights,
             merged,
@@ -327,19 +318,22 @@ class ExpertMergingModifier(ExpertReductionModifier):
 
     def _merge_plan(
         self,
-        layer: MoELayer,
         collector: LayerStatsCollector,
         groups: Groups,
         coefficient_scores: torch.Tensor,
+        weights: ExpertWeights | None,
     ) -> dict[int, tuple[list[int], list[float], list | None]]:
-        """``{centroid: (group, coefficients, perms)}`` of every non-singleton group."""
+        """
+        ``{centroid: (group, coefficients, perms)}`` of every non-singleton group.
+
+        :param weights: the layer's stacked experts (needed to align neurons)
+        """
         to_merge = {c: m for c, m in groups.items() if m}
         if self.merge == "none" or not to_merge:
             return {}
         descriptors = []
         align_with = _ALIGN_WITH.get(self.merge, ())
         involved = sorted({e for c, m in to_merge.items() for e in (c, *m)})
-        weights = layer.stacked_weights() if align_with else None
         if "activations" in align_with:
             samples = collector["activations"].result()
             descriptors.append(activation_descriptors(samples, involved))
