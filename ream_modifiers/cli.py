@@ -114,6 +114,8 @@ def compress(
     offload_folder: str | None = None,
     sequential_targets: list[str] | None = None,
     sequential_targets_per_subgraph: int = 1,
+    check_vllm: bool = False,
+    vllm_python: str | None = None,
 ) -> CompressionSummary | None:
     """
     Compress ``model`` with ``recipe`` into ``output``. The output is written to
@@ -151,8 +153,15 @@ def compress(
     :param offload_folder: folder for ``disk`` and ``auto`` offloading
     :param sequential_targets: module classes or names, one subgraph each
     :param sequential_targets_per_subgraph: targets per subgraph
+    :param check_vllm: also load the result in vLLM with strict weight tracking
+        and generate a few tokens before publishing it (vLLM must be importable
+        by ``vllm_python``, checked before calibration; on a GPU it needs the
+        memory this process no longer holds)
+    :param vllm_python: interpreter with vLLM for ``check_vllm``; this one by
+        default
     :raises ream_modifiers.check.CheckpointCheckError: if the written checkpoint
-        breaks a rule vLLM depends on (nothing is written to ``output`` then)
+        breaks a rule vLLM depends on, or vLLM refuses it (nothing is written to
+        ``output`` then)
     """
     from llmcompressor.recipe import Recipe
     from transformers import AutoTokenizer
@@ -172,6 +181,13 @@ def compress(
         raise SystemExit(f"error: {error}") from None
     if sequential_targets_per_subgraph < 1:
         raise SystemExit("error: --sequential-targets-per-subgraph must be >= 1")
+    if check_vllm:
+        from ream_modifiers.check.vllm_probe import VllmUnavailableError, require_vllm
+
+        try:
+            require_vllm(vllm_python)
+        except VllmUnavailableError as error:
+            raise SystemExit(f"error: --check-vllm: {error}") from None
     output_dir = Path(output)
     refuse_existing(output_dir, overwrite)
     # parse the recipe now: a typo must fail before the model is even loaded
@@ -217,6 +233,8 @@ def compress(
             sequential_targets=sequential_targets,
             sequential_targets_per_subgraph=sequential_targets_per_subgraph,
             start=start,
+            check_vllm=check_vllm,
+            vllm_python=vllm_python,
         )
     finally:
         if folder is not None:
@@ -274,6 +292,8 @@ def _compress_model(
     sequential_targets: list[str] | None,
     sequential_targets_per_subgraph: int,
     start: float,
+    check_vllm: bool = False,
+    vllm_python: str | None = None,
 ) -> CompressionSummary | None:
     """Calibrate, compress, check and publish a loaded model (see :func:`compress`)."""
     from ream_modifiers.check import check_checkpoint
@@ -351,8 +371,16 @@ def _compress_model(
             json.dumps(calibration_info, indent=2) + "\n"
         )
         check = check_checkpoint(partial)
+        served = ""
+        if check_vllm and check.ok:
+            from ream_modifiers.check.vllm_probe import probe_vllm
+
+            logger.info("Loading the checkpoint in vLLM (--check-vllm)")
+            probe = probe_vllm(partial, vllm_python)
+            check.record_vllm(probe.ok, probe.describe())
+            served = f" {probe.describe()}."
         check.raise_for_violations()
-        logger.info(f"Checkpoint check passed: {check.describe()}")
+        logger.info(f"Checkpoint check passed: {check.describe()}{served}")
         _write_provenance(
             partial,
             model=str(model),
@@ -360,7 +388,7 @@ def _compress_model(
             reports=reports,
             summary=summary,
             calibration=calibration_info,
-            check=f"`ream-compress check` passed ({check.describe()}).",
+            check=f"`ream-compress check` passed ({check.describe()}).{served}",
             trust_remote_code=trust_remote_code,
             command=command,
         )
@@ -664,6 +692,18 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="targets per subgraph with --sequential-targets (default 1)",
     )
+    run.add_argument(
+        "--check-vllm",
+        action="store_true",
+        help="before publishing, load the result in vLLM with strict weight "
+        "tracking and generate a few tokens; the model card records the outcome",
+    )
+    run.add_argument(
+        "--vllm-python",
+        metavar="PYTHON",
+        help="interpreter of an environment with vLLM for --check-vllm (default: "
+        "this one)",
+    )
     show = commands.add_parser("demo", help="compress a small locally built MoE")
     show.add_argument("--output", default="demo-output")
     show.add_argument("--recipe", default="reap_w4a16")
@@ -679,13 +719,32 @@ def _parser() -> argparse.ArgumentParser:
         "safetensors headers only)",
     )
     verify.add_argument("directory", help="checkpoint directory")
+    verify.add_argument(
+        "--vllm",
+        action="store_true",
+        help="also load it in vLLM (strict weight tracking) and generate a few "
+        "tokens; needs vLLM in this environment or --vllm-python",
+    )
+    verify.add_argument(
+        "--vllm-python",
+        metavar="PYTHON",
+        help="interpreter of an environment with vLLM (default: this one)",
+    )
     return parser
 
 
-def _check(directory: str) -> int:
+def _check(directory: str, vllm: bool = False, vllm_python: str | None = None) -> int:
     from ream_modifiers.check import check_checkpoint
+    from ream_modifiers.check.vllm_probe import VllmUnavailableError, probe_vllm
 
     report = check_checkpoint(directory)
+    if vllm and report.ok:
+        try:
+            probe = probe_vllm(directory, vllm_python)
+        except VllmUnavailableError as error:
+            print(f"error: --vllm: {error}", file=sys.stderr)
+            return 2
+        report.record_vllm(probe.ok, probe.describe())
     print(report.summary(), file=sys.stdout if report.ok else sys.stderr)
     return 0 if report.ok else 1
 
@@ -696,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
     if args.command == "check":
-        return _check(args.directory)
+        return _check(args.directory, args.vllm, args.vllm_python)
     try:
         if args.command == "demo":
             demo(args.output, args.recipe, overwrite=args.overwrite)
@@ -740,6 +799,8 @@ def _compress(args: argparse.Namespace, command: str) -> int:
         offload_folder=args.offload_folder,
         sequential_targets=args.sequential_targets,
         sequential_targets_per_subgraph=args.sequential_targets_per_subgraph,
+        check_vllm=args.check_vllm,
+        vllm_python=args.vllm_python,
     )
     return 0
 

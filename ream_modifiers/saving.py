@@ -1,6 +1,8 @@
 """
 What every saved checkpoint gets on top of llm-compressor's save: the right expert
-count under every config key, and the per-layer report of what was removed.
+count under every config key, quantized experts under the names vLLM reads where
+the family needs other names than compressed-tensors' (gpt-oss), and the
+per-layer report of what was removed.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from ream_modifiers.distributed import is_source_process
+from ream_modifiers.moe.architectures import get_arch_spec
 from ream_modifiers.moe.edit import patch_saved_config
 from ream_modifiers.moe.offload import disk_offloaded
+from ream_modifiers.moe.packed_names import write_packed_names
 
 __all__ = ["REPORT_FILENAME", "record_for_save", "install_save_hook"]
 
@@ -78,6 +82,9 @@ def finish_saved_checkpoint(model: PreTrainedModel, save_directory) -> None:
     state = _state(model)
     if state["config"]:
         patch_saved_config(save_directory, state["config"])
+    spec = get_arch_spec(model.config)
+    if spec.packed_expert_names:
+        write_packed_names(save_directory, spec)
     if state["reports"]:
         path = Path(save_directory) / REPORT_FILENAME
         path.write_text(json.dumps(state["reports"], indent=2) + "\n")

@@ -167,6 +167,8 @@ TINY_CONFIGS["minimax_m2"] = dict(
     num_experts_per_tok=2,
     scoring_func="sigmoid",
     use_routing_bias=True,
+    # hub configs carry it and vLLM reads it; transformers rotates the whole head
+    rotary_dim=_COMMON["head_dim"],
 )
 # Hunyuan-MoE: router is ``gate.wg`` (an nn.Linear), an always-on shared MLP.
 TINY_CONFIGS["hunyuan_v1_moe"] = dict(

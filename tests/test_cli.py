@@ -348,3 +348,50 @@ def test_sequential_targets_quantize_per_expert_after_the_reduction(
     assert "model.layers.0.mlp.gate" in config["quantization_config"]["ignore"]
     assert config["num_experts"] == 6
     assert check_checkpoint(out).ok
+
+
+def test_check_vllm_without_vllm_names_the_fix(tiny_model_dir, capsys):
+    """This environment has no vLLM (it lives in .venv-vllm): exit 2, say how."""
+    from ream_modifiers.cli import main
+
+    code = main(["check", str(tiny_model_dir("qwen3_moe")), "--vllm"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "cannot import vllm" in err
+    assert "--vllm-python" in err
+
+
+def test_compress_check_vllm_without_vllm_fails_before_calibration(
+    tiny_model_dir, tmp_path, no_calibration
+):
+    from ream_modifiers.cli import compress
+
+    with pytest.raises(SystemExit, match="--check-vllm: .*cannot import vllm"):
+        compress(
+            "reap_w4a16",
+            str(tiny_model_dir("qwen3_moe")),
+            "bundled",
+            str(tmp_path / "out"),
+            num_samples=4,
+            max_seq_len=16,
+            check_vllm=True,
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_vllm_probe_surfaces_the_engine_processes_root_cause():
+    from ream_modifiers.check.vllm_probe import _root_cause
+
+    stderr = (
+        "(VllmWorker-0 pid=1) ERROR [x.py:9] Traceback (most recent call last):\n"
+        "(VllmWorker-0 pid=1) ERROR [x.py:9] ValueError: Available memory on node 0 "
+        "is less than desired CPU memory utilization\n"
+        "(EngineCore pid=2) ERROR [core.py:1] Exception: WorkerProc initialization "
+        "failed. See stack trace for root cause.\n"
+    )
+    error = {"error": "RuntimeError: Engine core init failed. See root cause above."}
+    assert _root_cause(error, stderr) == (
+        "ValueError: Available memory on node 0 is less than desired CPU memory "
+        "utilization"
+    )
+    assert _root_cause({"error": "KeyError: 'x'"}, stderr) == "KeyError: 'x'"

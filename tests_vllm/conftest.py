@@ -6,3 +6,9 @@ from tests.conftest import (  # noqa: F401  (fixtures)
     load_tiny,
     tiny_model_dir,
 )
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "cells(*cells): checkpoints the test reads from the vLLM batch"
+    )

@@ -1,44 +1,62 @@
 """
-Load one checkpoint in vLLM and generate greedily. Runs in the vLLM venv
-(``.venv-vllm``: vLLM pins another transformers than llm-compressor), one
-checkpoint per process, and prints one JSON line.
+Load checkpoints in vLLM and generate greedily. Runs in the vLLM venv
+(``.venv-vllm``: vLLM pins another transformers than llm-compressor); one
+process loads a list of checkpoints one after another, so vLLM is imported
+once per batch, and prints one JSON line per checkpoint.
 
-    .venv-vllm/bin/python tests_vllm/vllm_generate.py MODEL_DIR PROMPTS_JSON TOKENS
+    .venv-vllm/bin/python tests_vllm/vllm_generate.py JOBS_JSON
 
-PROMPTS_JSON holds ``[[token ids], ...]``, so vLLM sees exactly the ids the
-transformers side used. The output has the greedy tokens and, per generated
-position, vLLM's raw logits of its top ``LOGITS`` tokens (``logprobs_mode``
-``raw_logits``), for a teacher-forced comparison.
+JOBS_JSON holds ``[{"model": DIR, "prompts": [[token ids], ...], "tokens": N,
+"dtype": "float32", "tracking": "exact"}]`` (``"as_shipped"``: vLLM's weight
+tracking without :func:`shims.track_aliased_parameters`),
+so vLLM sees exactly the ids the transformers side used. Each output line has
+the checkpoint, ``ok``, the greedy tokens and, per generated position, vLLM's
+raw logits of its top ``LOGITS`` tokens (``logprobs_mode`` ``raw_logits``) for a
+teacher-forced comparison, or the error.
 
-``enable_weights_track`` turns on vLLM's "every parameter was loaded" check,
-which vLLM runs by default only for unquantized models. Even then it exempts
-the linear and MoE weights of unquantized models (``track_weights_loading``), so
-the token and logit comparisons of the tests are what catch a wrong weight.
+``enable_weights_track`` turns on vLLM's "every parameter was loaded" check
+(``default_loader.py``), which vLLM runs by default only for unquantized
+models. On an unquantized model it exempts the parameters of linear and MoE
+layers; on a quantized one it checks them all. The token and logit comparisons
+of the tests are what catch a wrong weight.
+
+:mod:`shims` is installed first: int4 MoE experts and the dense int4 kernel
+run in float32 PyTorch, and the CPU router honours selection biases (see there
+for the vLLM lines each one replaces and why).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
+from pathlib import Path
 
 LOGITS = 5
 
-# one small model per process on a CPU machine
+# small models, one engine at a time, on a CPU machine
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def main(model: str, prompts_path: str, tokens: int) -> None:
+def _int4(model: str) -> bool:
+    config = json.loads((Path(model) / "config.json").read_text())
+    groups = config.get("quantization_config", {}).get("config_groups", {})
+    return any(
+        (group.get("weights") or {}).get("num_bits") == 4 for group in groups.values()
+    )
+
+
+def generate(model: str, prompts: list[list[int]], tokens: int, dtype: str) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    with open(prompts_path) as handle:
-        prompts = json.load(handle)
+    extra = {"moe_backend": "emulation"} if _int4(model) else {}
     llm = LLM(
         model=model,
-        dtype="float32",
+        dtype=dtype,
         enforce_eager=True,
         max_model_len=256,
         max_num_seqs=8,
@@ -46,6 +64,7 @@ def main(model: str, prompts_path: str, tokens: int) -> None:
         logprobs_mode="raw_logits",
         max_logprobs=LOGITS,
         model_loader_extra_config={"enable_weights_track": True},
+        **extra,
     )
     params = SamplingParams(
         temperature=0.0, max_tokens=tokens, ignore_eos=True, logprobs=LOGITS
@@ -63,8 +82,29 @@ def main(model: str, prompts_path: str, tokens: int) -> None:
             for o in outputs
         ],
     }
-    print(json.dumps(result))
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+    return result
+
+
+def main(jobs_path: str) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    import shims
+
+    shims.install()
+    for job in json.loads(Path(jobs_path).read_text()):
+        shims.CORRECT_TRACKING = job.get("tracking", "exact") == "exact"
+        try:
+            result = generate(
+                job["model"], job["prompts"], job["tokens"], job.get("dtype", "float32")
+            )
+            result["ok"] = True
+        except Exception as error:  # noqa: BLE001 - reported per checkpoint
+            result = {"ok": False, "error": f"{type(error).__name__}: {error}"}
+        print(json.dumps({"model": job["model"], **result}), flush=True)
+    os._exit(0)  # vLLM's teardown at exit is slow and not needed
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    main(sys.argv[1])

@@ -47,8 +47,10 @@ class StoredTensor:
 @dataclass
 class MoEBlock:
     """
-    One MoE block's tensors: ``experts[index][projection][parameter]``, or
-    ``fused[name]`` for the family's fused layout (expert index first).
+    One MoE block's tensors: ``experts[index][projection][parameter]`` (a
+    family's packed names count as projections: gpt-oss's ``w13_weight_packed``
+    is projection ``w13``, parameter ``weight_packed``), or ``fused[name]`` for
+    the family's fused layout (expert index first).
     """
 
     name: str  # the block's name as stored
@@ -136,6 +138,15 @@ def find_blocks(
     fused_re = re.compile(
         rf"^(?P<block>.+)\.{experts}\.(?P<name>\w*(gate_up|up|down|gate)_proj\w*)$"
     )
+    packed = spec.packed_expert_names
+    packed_re = (
+        re.compile(
+            rf"^(?P<block>.+)\.{experts}\.(?P<index>\d+)\."
+            rf"(?P<proj>{'|'.join(map(re.escape, packed))})_(?P<param>\w+)$"
+        )
+        if packed
+        else None
+    )
     router_re = re.compile(
         rf"^(?P<block>.+)\.{re.escape(spec.router_attr)}\.(?P<param>[^.]+)$"
     )
@@ -152,7 +163,9 @@ def find_blocks(
     for disk, shape in shapes.items():
         memory = _to_memory(disk, spec)
         tensor = StoredTensor(disk, shape)
-        if match := expert_re.match(memory):
+        if (packed_re and (match := packed_re.match(memory))) or (
+            match := expert_re.match(memory)
+        ):
             stored = disk[: disk.rindex(f".{spec.experts_attr}.{match['index']}.")]
             block = blocks.setdefault(match["block"], MoEBlock(stored))
             block.experts[int(match["index"])][match["proj"]][match["param"]] = tensor

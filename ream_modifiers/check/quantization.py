@@ -185,7 +185,7 @@ def check_quantization(
             for params in projections.values():
                 tensor = next(iter(params.values()))
                 module = tensor.disk[: tensor.disk.rindex(".")]
-                if modules[module] & QUANT_PARAMS or ignored(module):
+                if params.keys() & QUANT_PARAMS or ignored(module):
                     continue
                 group = _group_for(groups, module, linear=True)
                 if group is not None:

@@ -37,6 +37,7 @@ class CheckReport:
     experts_per_layer: dict[str, int] = field(default_factory=dict)
     quantization_format: str | None = None
     violations: list[Violation] = field(default_factory=list)
+    vllm: str | None = None  # what vLLM did with it, when asked (check --vllm)
 
     @property
     def ok(self) -> bool:
@@ -49,6 +50,18 @@ class CheckReport:
     def add(self, code: str, where: str, message: str, fix: str) -> None:
         self.violations.append(Violation(code, where, message, fix))
 
+    def record_vllm(self, ok: bool, description: str) -> None:
+        """The outcome of loading the checkpoint in vLLM itself."""
+        self.vllm = description
+        if not ok:
+            self.add(
+                "vllm-load",
+                str(self.path),
+                description,
+                "fix what vLLM names (a tensor it did not find, a shape or a "
+                "config key) and check again",
+            )
+
     def describe(self) -> str:
         """What was found, e.g. ``qwen3_moe, 2 MoE layers x 6 experts, ...``."""
         counts = sorted(set(self.experts_per_layer.values()))
@@ -60,8 +73,9 @@ class CheckReport:
 
     def summary(self) -> str:
         head = f"{self.path}: {self.describe()}"
+        tail = [f"vLLM: {self.vllm}"] if self.vllm and self.ok else []
         if self.ok:
-            return f"OK {head}"
+            return "\n".join([f"OK {head}", *tail])
         lines = [f"FAILED {head}: {len(self.violations)} problem(s)"]
         return "\n".join(lines + [str(v) for v in self.violations])
 

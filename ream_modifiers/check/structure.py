@@ -14,9 +14,11 @@ from ream_modifiers.check.report import CheckReport
 from ream_modifiers.moe.architectures import MoEArchSpec
 
 __all__ = [
+    "PACKED_PARAMS",
     "check_complete",
     "check_config_counts",
     "check_fused",
+    "check_packed_names",
     "check_router",
     "check_routing",
     "check_shapes",
@@ -143,6 +145,8 @@ def check_fused(report: CheckReport, block: MoEBlock, spec: MoEArchSpec) -> None
         for projections in block.experts.values()
         for params in projections.values()
     )
+    if quantized and spec.packed_expert_names:
+        check_packed_names(report, block, spec)
     if spec.fused_experts and not quantized:
         report.add(
             "unfused-experts",
@@ -153,6 +157,65 @@ def check_fused(report: CheckReport, block: MoEBlock, spec: MoEArchSpec) -> None
             "save with ream_modifiers (ensure_hub_save_names writes the hub's "
             "fused layout for unquantized experts)",
         )
+
+
+# what vLLM's gpt-oss loader reads per quantized expert and projection
+# (models/gpt_oss.py, _GPT_OSS_STREAMED_EXPERT_SUFFIX_TO_SHARD)
+PACKED_PARAMS = ("weight_packed", "weight_scale", "bias")
+
+
+def check_packed_names(report: CheckReport, block: MoEBlock, spec: MoEArchSpec) -> None:
+    """
+    Quantized experts of a family whose vLLM loader reads them under fused
+    per-expert names (:attr:`MoEArchSpec.packed_expert_names`) are stored under
+    exactly those names and parameters.
+    """
+    packed = spec.packed_expert_names or ()
+    gate_up, down = packed
+    names = ", ".join(f"{p}_{{{','.join(PACKED_PARAMS)}}}" for p in packed)
+    fix = (
+        "save with ream_modifiers, which writes these names, or convert the saved "
+        "checkpoint in place with ream_modifiers.moe.packed_names."
+        "write_packed_names(DIR, spec)"
+    )
+    index, projections = next(iter(sorted(block.experts.items())))
+    other = sorted(projections.keys() - set(packed))
+    if other:
+        first = next(iter(projections[other[0]].values()))
+        report.add(
+            "unread-expert-names",
+            first.disk,
+            f"quantized experts stored per projection ({', '.join(other)}); vLLM's "
+            f"{spec.model_type} loader reads quantized experts only as "
+            f"{spec.experts_attr}.{{i}}.{names} ({gate_up}: gate and up rows "
+            "interleaved) and skips these names without an error, so the "
+            "experts would be served uninitialised",
+            fix,
+        )
+        return
+    for proj in packed:
+        params = projections.get(proj, {})
+        where = f"{block.name}.{spec.experts_attr}.{index}.{proj}"
+        missing = [p for p in PACKED_PARAMS if p not in params]
+        extra = sorted(params.keys() - set(PACKED_PARAMS))
+        if missing:
+            report.add(
+                "missing-expert-tensors",
+                f"{where}_{missing[0]}",
+                f"vLLM's {spec.model_type} loader needs "
+                f"{', '.join(f'{proj}_{p}' for p in missing)} for every expert",
+                fix,
+            )
+        if extra:
+            report.add(
+                "unloadable-expert-tensor",
+                f"{where}_{extra[0]}",
+                f"vLLM's {spec.model_type} loader cannot load "
+                f"{', '.join(f'{proj}_{p}' for p in extra)}: a name with "
+                f".{proj}_weight that it does not stream goes to its fused-tensor "
+                "branch, which fails on it",
+                f"remove those tensors; {fix}",
+            )
 
 
 def check_router(

@@ -88,6 +88,12 @@ class MoEArchSpec:
         layout (gpt-oss); empty where the hub stores one tensor per expert and
         projection. An unquantized result is saved in this layout; a quantized
         one keeps compressed-tensors' per-expert tensors
+    :param packed_expert_names: for a family whose vLLM loader reads quantized
+        experts only under fused per-expert names, their (gate/up, down) prefixes:
+        gpt-oss's ``experts.{i}.w13_weight_packed`` (gate and up rows interleaved)
+        and ``experts.{i}.w2_weight_packed``
+        (:mod:`ream_modifiers.moe.packed_names`); None where vLLM reads
+        compressed-tensors' per-projection names
     """
 
     model_type: str
@@ -115,6 +121,7 @@ class MoEArchSpec:
     hub_block_attr: str | None = None
     hub_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     fused_experts: tuple[str, ...] = ()
+    packed_expert_names: tuple[str, str] | None = None
 
     @property
     def num_experts_key(self) -> str:
@@ -300,6 +307,8 @@ _ROWS = [
             "down_proj",
             "down_proj_bias",
         ),
+        # vLLM's models/gpt_oss.py _GPT_OSS_STREAMED_EXPERT_SUFFIX_TO_SHARD
+        packed_expert_names=("w13", "w2"),
     ),
 ]
 

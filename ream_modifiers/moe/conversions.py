@@ -6,8 +6,9 @@ MoE families here need beyond what transformers and llm-compressor register.
   gate/up interleaved along the last dim, biases, ``down_proj [E, I, H]``), and
   neither library maps per-expert tensors to or from that layout. An unquantized
   linearized gpt-oss is saved fused again (:func:`fused_save_conversions`); a
-  quantized one keeps llm-compressor's per-expert tensors, which transformers
-  loads inside :func:`per_expert_checkpoints`.
+  quantized one is saved per expert under the names vLLM reads
+  (:mod:`ream_modifiers.moe.packed_names`), which transformers loads inside
+  :func:`per_expert_checkpoints`.
 - Kimi-K2 checkpoints (``model_type: kimi_k2``) load into DeepSeek-V3 classes,
   but transformers keys conversion mappings by model type and has none for
   ``kimi_k2``: its experts would silently stay random
@@ -120,19 +121,27 @@ def fused_save_conversions() -> list[WeightTransform]:
 def per_expert_checkpoints(model_type: str = "gpt_oss") -> Iterator[None]:
     """
     Within the block, transformers loads ``model_type`` checkpoints whose experts
-    are stored per expert (``mlp.experts.{i}.gate_proj.weight``, as llm-compressor
-    writes quantized gpt-oss) into the fused experts class. The previous mapping
-    is restored on exit: registered for good, it would also make transformers
-    save fused gpt-oss models per expert.
+    are stored per expert into the fused experts class: quantized gpt-oss as
+    written here (``mlp.experts.{i}.w13_weight_packed``, the names vLLM reads;
+    :mod:`ream_modifiers.moe.packed_names`) or as llm-compressor writes it
+    (``mlp.experts.{i}.gate_proj.weight_packed``), or unquantized per expert.
+    The previous mapping is restored on exit: registered for good, it would also
+    make transformers save fused gpt-oss models per expert.
 
     :param model_type: the family (only ``gpt_oss`` needs this)
     """
     if model_type != "gpt_oss":
         yield
         return
+    from ream_modifiers.moe.architectures import ARCHITECTURES
+    from ream_modifiers.moe.packed_names import packed_names_load_conversions
+
     previous = get_checkpoint_conversion_mapping(model_type)
     register_checkpoint_conversion_mapping(
-        model_type, per_expert_load_conversions(), overwrite=True
+        model_type,
+        per_expert_load_conversions()
+        + packed_names_load_conversions(ARCHITECTURES[model_type]),
+        overwrite=True,
     )
     try:
         yield

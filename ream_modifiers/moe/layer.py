@@ -187,7 +187,7 @@ class MoELayer:
         if among is not None:
             kept = torch.as_tensor(list(among), device=logits.device)
             logits = logits[:, kept]
-            bias = None if bias is None else bias[kept]
+            bias = None if bias is None else bias[..., kept]
         return self.routing.route(logits, bias)
 
     def activation(self):

@@ -128,10 +128,15 @@ def _check_expert_tensors(spec, layers, shapes, quantized):
             continue
         suffix = "weight_packed" if quantized else "weight"
         for e in range(KEPT):
+            if spec.packed_expert_names and quantized:
+                # gpt-oss: the fused per-expert names vLLM reads, with biases
+                for packed in spec.packed_expert_names:
+                    for param in ("weight_packed", "weight_scale", "bias"):
+                        assert f"{prefix}.{e}.{packed}_{param}" in shapes
+                assert not any(k.startswith(f"{prefix}.{e}.gate_proj") for k in shapes)
+                continue
             for proj in spec.hub_projections:
                 assert f"{prefix}.{e}.{proj}.{suffix}" in shapes, (e, proj)
-                if spec.fused_on_disk:  # gpt-oss biases stay per expert
-                    assert f"{prefix}.{e}.{proj}.bias" in shapes
         assert not any(k.startswith(f"{prefix}.{KEPT}.") for k in shapes)
 
 

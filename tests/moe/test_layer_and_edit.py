@@ -219,7 +219,9 @@ def test_gpt_oss_merge_averages_biases(load_tiny):
     )
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize(
+    "model_type", ["qwen3_moe", "deepseek_v3", "gpt_oss", "ernie4_5_moe", "minimax_m2"]
+)
 def test_routing_among_kept_experts_equals_the_pruned_layer(load_tiny, model_type):
     model, _, _ = load_tiny(model_type)
     layer = find_moe_layers(model)[0]

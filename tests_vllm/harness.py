@@ -1,0 +1,147 @@
+"""
+The project side of the vLLM tier: compress tiny checkpoints, generate greedily
+with transformers, and run vLLM on a batch of checkpoints in ``.venv-vllm``
+(:mod:`tests_vllm.vllm_generate`, one process per batch).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from llmcompressor import oneshot
+from llmcompressor.core import reset_session
+from llmcompressor.modifiers.quantization import GPTQModifier
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ream_modifiers.data import build_calibration_dataset
+from ream_modifiers.moe import load_moe_model
+from ream_modifiers.moe.conversions import per_expert_checkpoints
+from ream_modifiers.tiny import build_tiny_moe
+from tests.conftest import NUM_SAMPLES, SEQ_LEN
+
+ROOT = Path(__file__).parents[1]
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+WORKER = Path(__file__).parent / "vllm_generate.py"
+TOKENS = 12
+
+# What vLLM's CPU build needs of a tiny config beyond the unit tests' (probe
+# notes in the README's vLLM section): DeepSeek's MLA runs only with a 576-wide
+# latent (kv_lora_rank 512 + RoPE dim 64); Qwen3-Next's linear attention only
+# with 128-wide heads, in bfloat16.
+VLLM_OVERRIDES: dict[str, dict] = {
+    "deepseek_v2": dict(kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=32),
+    "deepseek_v3": dict(kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=32),
+    "qwen3_next": dict(
+        head_dim=128, linear_key_head_dim=128, linear_value_head_dim=128
+    ),
+}
+DTYPES = {"qwen3_next": torch.bfloat16}
+
+
+def dtype_of(family: str) -> torch.dtype:
+    return DTYPES.get(family, torch.float32)
+
+
+def build_original(family: str, directory: Path) -> Path:
+    return build_tiny_moe(
+        family, directory, dtype=dtype_of(family), **VLLM_OVERRIDES.get(family, {})
+    )
+
+
+def compress(
+    original: Path, family: str, modifier: Callable[[], object] | None,
+    quantized: bool, out: Path,
+) -> Path:  # fmt: skip
+    """``modifier`` (if any), then GPTQ W4A16 if ``quantized``; saved to ``out``."""
+    tokenizer = AutoTokenizer.from_pretrained(original)
+    model = load_moe_model(original, dtype=dtype_of(family))
+    dataset = build_calibration_dataset("bundled", tokenizer, NUM_SAMPLES, SEQ_LEN)
+    recipe = [modifier()] if modifier is not None else []
+    if quantized:
+        recipe.append(
+            GPTQModifier(targets=["Linear"], scheme="W4A16", ignore=["lm_head"])
+        )
+    reset_session()
+    oneshot(
+        model=model,
+        dataset=dataset,
+        recipe=recipe,
+        processor=tokenizer,
+        num_calibration_samples=NUM_SAMPLES,
+        max_seq_length=SEQ_LEN,
+    )
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    reset_session()
+    return out
+
+
+def prompts_for(vocab: int, count: int = 4, length: int = 10) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(3, vocab, (count, length), generator=generator).tolist()
+
+
+def load_transformers(directory: Path, family: str):
+    """The checkpoint as transformers loads it, in float32 (int4 dequantized)."""
+    with per_expert_checkpoints(family):
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype_of(family))
+    return model.to(dtype_of(family)).eval()
+
+
+@torch.no_grad()
+def transformers_greedy(model, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
+    tokens = []
+    for prompt in prompts:
+        ids = torch.tensor([list(prompt)])
+        for _ in range(TOKENS):
+            next_id = model(input_ids=ids).logits[0, -1].argmax()
+            ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
+        tokens.append(ids[0, len(prompt) :].tolist())
+    return tokens
+
+
+@torch.no_grad()
+def teacher_forced_gap(model, prompts, vllm: dict) -> float:
+    """
+    Largest |logit| difference between transformers, fed vLLM's own greedy
+    sequences, and vLLM's raw logits at every generated position (its top tokens).
+    """
+    gap = 0.0
+    for prompt, tokens, positions in zip(
+        prompts, vllm["tokens"], vllm["logits"], strict=True
+    ):
+        logits = model(input_ids=torch.tensor([list(prompt) + tokens])).logits[0]
+        for step, top in enumerate(positions):
+            row = logits[len(prompt) - 1 + step].float()
+            for token, value in top.items():
+                gap = max(gap, abs(float(row[int(token)]) - value))
+    return gap
+
+
+def run_vllm(jobs: list[dict], scratch: Path, timeout: int = 1800) -> dict[str, dict]:
+    """
+    vLLM's result per checkpoint (``ok``, ``tokens``, ``logits`` or ``error``)
+    for ``jobs`` = ``[{"model", "prompts", "tokens"}]``, in one process.
+    """
+    jobs_file = scratch / "jobs.json"
+    jobs_file.write_text(
+        json.dumps([{**job, "model": str(job["model"])} for job in jobs])
+    )
+    run = subprocess.run(
+        [str(VLLM_PYTHON), str(WORKER), str(jobs_file)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    results = {}
+    for line in run.stdout.splitlines():
+        if line.startswith('{"model"'):
+            result = json.loads(line)
+            results[result.pop("model")] = result
+    missing = [job["model"] for job in jobs if str(job["model"]) not in results]
+    assert not missing, f"vLLM worker died (rc {run.returncode}): {run.stderr[-4000:]}"
+    return results
