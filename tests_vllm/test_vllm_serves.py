@@ -26,6 +26,7 @@ formats; ``REAM_VLLM_FULL=1`` runs the whole product. Each cell asserts:
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,6 +134,21 @@ class Batch:
                 served.gap = harness.teacher_forced_gap(
                     model, served.prompts, served.vllm
                 )
+        if report := os.environ.get("REAM_VLLM_REPORT"):
+            self._write_report(Path(report))
+
+    def _write_report(self, path: Path) -> None:
+        """Per checkpoint: loaded, greedy tokens equal, logit gap (for notes)."""
+        rows = {
+            str(cell): {
+                "loads": served.vllm["ok"],
+                "tokens_equal": served.vllm.get("tokens") == served.expected,
+                "gap": served.gap,
+                "error": served.vllm.get("error"),
+            }
+            for cell, served in self.served.items()
+        }
+        path.write_text(json.dumps(rows, indent=1) + "\n")
 
     @staticmethod
     def _dtype(cell: Cell) -> torch.dtype:

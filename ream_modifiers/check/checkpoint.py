@@ -17,6 +17,7 @@ from ream_modifiers.check.structure import (
     check_routing,
     check_shapes,
     check_uniform,
+    check_widths,
 )
 from ream_modifiers.moe.architectures import ARCHITECTURES, MoEArchSpec, detect_spec
 
@@ -67,6 +68,7 @@ def check_checkpoint(path: str | Path) -> CheckReport:
     report.experts_per_layer = {b.name: b.count for b in blocks.values()}
     check_uniform(report, blocks)
     check_shapes(report, blocks)
+    check_widths(report, blocks, spec, text)
     for block in blocks.values():
         check_fused(report, block, spec)
         check_complete(report, block, spec)

@@ -127,12 +127,17 @@ def check_quantization(
                     _ROUTER_FIX.format(pattern=pattern),
                 )
         if not ignored(router) and _group_for(groups, router, linear=True):
+            loaders = (
+                "compressed-tensors (transformers) and vLLM create"
+                if spec.router_quantizable_in_vllm
+                else "compressed-tensors (transformers' loader) creates"
+            )
             report.add(
                 "router-not-ignored",
                 router,
-                "router is not covered by quantization_config.ignore, so vLLM "
-                "creates a quantized layer for it (its router is a Linear) and "
-                "expects quantized tensors",
+                f"router is not covered by quantization_config.ignore: {loaders} "
+                "a quantized layer for it (it is a Linear) that needs quantized "
+                "tensors",
                 f"add {router!r} (or {pattern!r}) to quantization_config.ignore and "
                 "keep the router unquantized",
             )

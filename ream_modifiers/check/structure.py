@@ -23,6 +23,7 @@ __all__ = [
     "check_routing",
     "check_shapes",
     "check_uniform",
+    "check_widths",
 ]
 
 
@@ -68,6 +69,66 @@ def check_shapes(report: CheckReport, blocks: dict[str, MoEBlock]) -> None:
             "merge or recombine experts back to the original width "
             "(moe_intermediate_size) before saving",
         )
+
+
+def _expected_rows(proj: str, width: int, hidden: int, spec: MoEArchSpec):
+    """Output rows of one expert projection, by its role; None if unknown."""
+    gate_up, down = spec.packed_expert_names or ("", "")
+    if proj == gate_up:
+        return 2 * width
+    if proj == down or "down" in proj:
+        return hidden
+    if "gate" in proj or "up" in proj:
+        return width
+    return None
+
+
+def check_widths(
+    report: CheckReport,
+    blocks: dict[str, MoEBlock],
+    spec: MoEArchSpec,
+    text: dict[str, Any],
+) -> None:
+    """
+    vLLM sizes every expert tensor from config.json (``hidden_size`` and the
+    family's :attr:`MoEArchSpec.intermediate_size_key`): a narrower expert
+    would be copied into the front of an uninitialised parameter, a wider one
+    fails to load.
+    """
+    width, hidden = text.get(spec.intermediate_size_key), text.get("hidden_size")
+    if not isinstance(width, int) or not isinstance(hidden, int):
+        return  # e.g. a per-layer list of widths
+    fused = {"gate_up_proj": (hidden, 2 * width), "down_proj": (width, hidden)}
+    for block in blocks.values():
+        found: list[tuple[StoredTensor, str]] = []
+        for projections in block.experts.values():
+            for proj, params in projections.items():
+                rows = _expected_rows(proj, width, hidden, spec)
+                tensor = params.get("weight") or params.get("weight_packed")
+                if rows is None or tensor is None or not tensor.shape:
+                    continue
+                if tensor.shape[0] != rows:
+                    found.append((tensor, f"{rows} rows"))
+                elif "weight" in params and len(tensor.shape) == 2:
+                    columns = width if "down" in proj else hidden
+                    if tensor.shape[1] != columns:
+                        found.append((tensor, f"{columns} columns"))
+        for name, dims in fused.items():
+            tensor = block.fused.get(name)
+            if tensor is not None and tuple(tensor.shape[1:]) != dims:
+                found.append((tensor, f"shape [E, {dims[0]}, {dims[1]}]"))
+        if found:
+            tensor, want = found[0]
+            report.add(
+                "expert-width",
+                tensor.disk,
+                f"has shape {list(tensor.shape)}, but config.json "
+                f"({spec.intermediate_size_key}={width}, hidden_size={hidden}) "
+                f"makes vLLM allocate {want} ({len(found)} tensor(s) in this layer); "
+                "a narrower expert loads into the front of uninitialised memory",
+                f"keep every expert at {spec.intermediate_size_key}={width} (merge "
+                "and recombine at the original width), or fix config.json",
+            )
 
 
 def check_complete(report: CheckReport, block: MoEBlock, spec: MoEArchSpec) -> None:
@@ -256,6 +317,17 @@ def check_router(
             f"{why} score-correction bias, but the checkpoint has none",
             "save the checkpoint again from a model that has the bias",
         )
+    if block.bias is not None and not spec.bias_required(text.get):
+        key, value = spec.bias_required_when or ("", None)
+        report.add(
+            "unexpected-correction-bias",
+            block.bias.disk,
+            f"stores a score-correction bias, but vLLM creates {spec.model_type}'s "
+            f"only for {key}={value!r} (config.json has {text.get(key)!r}) and "
+            "fails on a checkpoint tensor it has no parameter for",
+            f"set {key}={value!r} in config.json if the model routes with the bias, "
+            "or drop the tensor",
+        )
     for bias in (block.router.get("bias"), block.bias):
         if bias is None:
             continue
@@ -314,7 +386,7 @@ def check_routing(
     count: int,
 ) -> None:
     top_k = text.get(spec.top_k_key)
-    n_group, topk_group = spec.groups(text.get)
+    n_group, topk_group = spec.groups(text.get, as_vllm=True)
     budget_fix = (
         "compress to an expert count that divides evenly into the router groups "
         "and keeps top-k reachable (the modifiers plan such budgets)"
@@ -338,7 +410,9 @@ def check_routing(
         )
         return
     per_group = count // n_group
-    if spec.group_score == "top2_sum" and per_group < 2:
+    # vLLM scores a group by its top-2 sum when the router has a correction
+    # bias, else by its best expert (fused_moe/router/grouped_topk_router.py)
+    if spec.bias_required(text.get) and per_group < 2:
         report.add(
             "n-group",
             f"config.json {prefix}{spec.n_group_key}",

@@ -94,6 +94,11 @@ class MoEArchSpec:
         and ``experts.{i}.w2_weight_packed``
         (:mod:`ream_modifiers.moe.packed_names`); None where vLLM reads
         compressed-tensors' per-projection names
+    :param intermediate_size_key: config key of one routed expert's width, which
+        vLLM sizes every expert tensor from
+    :param router_quantizable_in_vllm: whether vLLM builds the router as a
+        linear layer that a quantization config can target (Qwen3-MoE's gate,
+        Hunyuan's ``gate.wg``); elsewhere it is always unquantized
     """
 
     model_type: str
@@ -122,6 +127,8 @@ class MoEArchSpec:
     hub_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     fused_experts: tuple[str, ...] = ()
     packed_expert_names: tuple[str, str] | None = None
+    intermediate_size_key: str = "moe_intermediate_size"
+    router_quantizable_in_vllm: bool = False
 
     @property
     def num_experts_key(self) -> str:
@@ -165,7 +172,9 @@ class MoEArchSpec:
         key, value = self.bias_required_when
         return get(key) == value
 
-    def groups(self, get: Callable[[str], Any]) -> tuple[int | None, int | None]:
+    def groups(
+        self, get: Callable[[str], Any], as_vllm: bool = False
+    ) -> tuple[int | None, int | None]:
         """
         ``(n_group, topk_group)`` of group-limited routing, or ``(None, None)``
         when the router does not restrict tokens to groups (no group keys, a
@@ -173,10 +182,13 @@ class MoEArchSpec:
 
         :param get: config lookup, ``dict.get`` of config.json or a config's
             ``getattr``
+        :param as_vllm: as vLLM routes, which groups whenever ``n_group > 1``
+            and ignores :attr:`grouped_when` (``models/deepseek_v2.py`` passes
+            ``use_grouped_topk=True`` with the config's ``n_group``)
         """
         n_group = get(self.n_group_key) if self.n_group_key else None
         topk_group = get(self.topk_group_key) if self.topk_group_key else None
-        if self.grouped_when is not None:
+        if self.grouped_when is not None and not as_vllm:
             key, value = self.grouped_when
             if get(key) != value:
                 return None, None
@@ -208,6 +220,8 @@ _ROWS = [
         num_experts_keys=("num_experts", "num_local_experts"),
         renormalize_key="norm_topk_prob",
         quantization_ignore=_QWEN_IGNORE,
+        # vLLM's qwen3_moe.py builds the gate with the quant_config
+        router_quantizable_in_vllm=True,
     ),
     MoEArchSpec(
         model_type="qwen2_moe",
@@ -220,6 +234,7 @@ _ROWS = [
     MoEArchSpec(
         model_type="mixtral",
         num_experts_keys=("num_local_experts",),
+        intermediate_size_key="intermediate_size",
         quantization_ignore=_ignore("re:.*mlp.gate$", "re:.*block_sparse_moe.gate$"),
         linear_save_renames=_W123_RENAMES,
         hub_block_attr="block_sparse_moe",
@@ -228,6 +243,7 @@ _ROWS = [
     MoEArchSpec(
         model_type="olmoe",
         num_experts_keys=("num_experts",),
+        intermediate_size_key="intermediate_size",
         renormalize_key="norm_topk_prob",
         quantization_ignore=_GATE_IGNORE,
     ),
@@ -275,6 +291,7 @@ _ROWS = [
     MoEArchSpec(
         model_type="minimax_m2",
         num_experts_keys=("num_local_experts",),
+        intermediate_size_key="intermediate_size",
         scoring="sigmoid",
         bias_attr="e_score_correction_bias",
         bias_location="block",
@@ -290,12 +307,15 @@ _ROWS = [
         top_k_key="moe_topk",
         # the router weight lives in an nn.Linear that GPTQ would quantize
         router_attr="gate.wg",
+        # vLLM's Transformers backend swaps gate.wg for a quantizable linear
+        router_quantizable_in_vllm=True,
         shared_expert_attrs=("shared_mlp",),
         quantization_ignore=_ignore("re:.*mlp.gate$", "re:.*mlp.gate.wg$"),
     ),
     MoEArchSpec(
         model_type="gpt_oss",
         num_experts_keys=("num_local_experts",),
+        intermediate_size_key="intermediate_size",
         # top-k on biased logits, softmax over the k = renormalised softmax
         router_attr="router",
         quantization_ignore=_ignore("re:.*mlp.router$"),
@@ -319,7 +339,9 @@ _ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3_next": ("qwen2_moe", {}),
     # vLLM's glm4_moe.py always creates the correction bias
     "glm4_moe": ("deepseek_v3", {"bias_required_when": None}),
-    "dots1": ("deepseek_v3", {}),
+    # vLLM 0.32 serves dots1 through its Transformers backend, whose router
+    # always has the correction bias (transformers' modeling_dots1.py)
+    "dots1": ("deepseek_v3", {"bias_required_when": None}),
     "kimi_k2": ("deepseek_v3", {}),
 }
 for _alias, (_row, _fields) in _ALIASES.items():
@@ -393,6 +415,8 @@ def detect_spec(config: PretrainedConfig) -> MoEArchSpec:
         shared_expert_attrs=("shared_expert", "shared_experts"),
         shared_expert_gate_attr="shared_expert_gate",
         quantization_ignore=_QWEN_IGNORE,
+        # unknown family: assume vLLM may quantize the router (the safe side)
+        router_quantizable_in_vllm=True,
     )
     logger.warning(
         f"No architecture row for model_type={config.model_type!r}; detected "

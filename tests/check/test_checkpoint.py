@@ -320,10 +320,52 @@ def test_expert_of_another_width(tiny_model_dir, tmp_path):
     report = check_checkpoint(
         edited(tiny_model_dir("qwen3_moe"), tmp_path / "b", narrow)
     )
-    assert report.codes == ["expert-shape"]
-    (violation,) = report.violations
+    assert report.codes == ["expert-shape", "expert-width"]
+    violation = report.violations[0]
     assert violation.where == "model.layers.1.mlp.experts.4.down_proj.weight"
     assert violation.message.startswith(
         "1 down_proj.weight tensor(s) differ from the common shape [128, 128] "
         "(this one is [128, 64])"
     )
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "gpt_oss"])
+def test_experts_narrower_than_the_config(tiny_model_dir, tmp_path, model_type):
+    """Uniform among themselves, but not what vLLM allocates from config.json."""
+    from ream_modifiers.moe.architectures import ARCHITECTURES
+
+    key = ARCHITECTURES[model_type].intermediate_size_key
+
+    def wider_config(config: dict) -> None:
+        config[key] = 2 * config[key]
+
+    path = edited(tiny_model_dir(model_type), tmp_path / "b", config=wider_config)
+    report = check_checkpoint(path)
+    assert set(report.codes) == {"expert-width"}
+    assert len(report.violations) == 2  # one per MoE layer
+    assert f"({key}=" in report.violations[0].message
+
+
+def test_a_bias_vllm_does_not_create(tiny_model_dir, tmp_path):
+    """DeepSeek-V3 without noaux_tc: vLLM has no parameter for the stored bias."""
+    path = edited(
+        tiny_model_dir("deepseek_v3"),
+        tmp_path / "b",
+        config=lambda c: c.update(topk_method="greedy"),
+    )
+    report = check_checkpoint(path)
+    assert report.codes == ["unexpected-correction-bias"] * 2
+    assert "topk_method='noaux_tc'" in report.violations[0].message
+
+
+def test_dots1_always_needs_its_bias(tiny_model_dir, tmp_path):
+    """vLLM serves dots1 through transformers' class, whose router has the bias."""
+    path = edited(
+        tiny_model_dir("dots1"),
+        tmp_path / "b",
+        drop("model.layers.1.mlp.gate.e_score_correction_bias"),
+        config=lambda c: c.update(topk_method="greedy"),
+    )
+    report = check_checkpoint(path)
+    assert report.codes == ["missing-correction-bias"]
+    assert "vLLM always creates" in report.violations[0].message
