@@ -19,9 +19,10 @@ formats; ``REAM_VLLM_FULL=1`` runs the whole product. Each cell asserts:
   W4A16 dequantized; both sides compute in float32, where int4 times a stored
   scale is exact), except for the families in :data:`NOISY`;
 - teacher-forced on vLLM's tokens, vLLM's top logits are within
-  ``max(4 x gap of the uncompressed model, FLOOR)`` of transformers' (the
-  uncompressed model of the family runs in the same batch). A checkpoint vLLM
-  reads wrongly is off by about 1 (uninitialised experts: 1.5).
+  ``max(4 x gap of the uncompressed model, floor)`` of transformers' (the
+  uncompressed model of the family runs in the same batch; the floor is
+  :data:`FLOOR`, or the family's in :data:`NOISY`). A checkpoint vLLM reads
+  wrongly is off by about 1 (uninitialised experts: 1.5).
 """
 
 from __future__ import annotations
@@ -48,16 +49,19 @@ FULL = os.environ.get("REAM_VLLM_FULL", "") not in ("", "0")
 FORMATS = ("plain", "w4a16")
 METHODS = sorted(MODIFIERS)
 # Families whose uncompressed tiny model already gives other greedy tokens in
-# vLLM than in transformers, and why; for them the logit bound decides.
+# vLLM than in transformers: why, and the logit-gap floor for them. On the full
+# matrix (REAM_VLLM_FULL=1, 2026-12-01) the largest gaps were 0.011 (DeepSeek-V2),
+# 0.056 (DeepSeek-V3) and 0.082 (Qwen3-Next); every other family stays under
+# 7e-7, and a checkpoint vLLM reads wrongly is off by about 1.
 NOISY = {
-    # MLA attention (576-wide latent) differs from transformers' by 0.005-0.05 in
-    # float32 on logits of about 1 that are nearly flat
-    "deepseek_v2": "MLA numerics",
-    "deepseek_v3": "MLA numerics",
+    # MLA attention (576-wide latent) differs from transformers' in float32 on
+    # logits of about 1 that are nearly flat
+    "deepseek_v2": ("MLA numerics", 0.1),
+    "deepseek_v3": ("MLA numerics", 0.1),
     # its linear attention runs in bfloat16 only on vLLM's CPU build
-    "qwen3_next": "bfloat16",
+    "qwen3_next": ("bfloat16", 0.2),
 }
-FLOOR = {torch.float32: 1e-4, torch.bfloat16: 0.05}
+FLOOR = 1e-4  # float32, exact families
 TRAINED = harness.ROOT / "benchmarks" / "fixture" / "model"
 TRAINED_TEXTS = ("ROMEO: But soft, what light", "def fibonacci(n):\n    ", "12 + 35 = ")
 
@@ -262,7 +266,8 @@ def _assert_serves(batch: Batch, cell: Cell) -> None:
     assert served.vllm["ok"], served.vllm.get("error")
     original = batch.served.get(Cell(cell.family, "original"))
     reference = original.gap if original is not None else 0.0
-    bound = max(4 * reference, FLOOR[Batch._dtype(cell)])
+    floor = NOISY[cell.family][1] if cell.family in NOISY else FLOOR
+    bound = max(4 * reference, floor)
     assert served.gap <= bound, (served.gap, reference)
     if cell.family not in NOISY:
         assert served.vllm["tokens"] == served.expected
