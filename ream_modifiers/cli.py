@@ -159,17 +159,22 @@ def compress(
         memory this process no longer holds)
     :param vllm_python: interpreter with vLLM for ``check_vllm``; this one by
         default
+    :raises ream_modifiers.errors.InputError: before the model is loaded, if the
+        recipe would run as less than it says (``RecipeError``: keys
+        llm-compressor skips, an unknown class or field, no expert reduction)
+        or a local model path does not exist
     :raises ream_modifiers.check.CheckpointCheckError: if the written checkpoint
         breaks a rule vLLM depends on, or vLLM refuses it (nothing is written to
         ``output`` then)
     """
-    from llmcompressor.recipe import Recipe
     from transformers import AutoTokenizer
 
     import ream_modifiers  # noqa: F401  (registers the modifiers)
     from ream_modifiers.distributed import init_distributed
+    from ream_modifiers.errors import check_model_source
     from ream_modifiers.moe import load_moe_model
     from ream_modifiers.moe.offload import OffloadOptionError, check_offload_options
+    from ream_modifiers.recipe_check import load_checked_recipe
 
     recipe_path = resolve_recipe(recipe)
     init_distributed()  # a no-op unless started by torchrun
@@ -190,8 +195,10 @@ def compress(
             raise SystemExit(f"error: --check-vllm: {error}") from None
     output_dir = Path(output)
     refuse_existing(output_dir, overwrite)
-    # parse the recipe now: a typo must fail before the model is even loaded
-    Recipe.create_instance(str(recipe_path))
+    # parse the recipe now: a typo, or keys llm-compressor would skip, must fail
+    # before the model is even loaded
+    load_checked_recipe(recipe_path)
+    check_model_source(str(model))
 
     start = time.perf_counter()
     logger.info(f"Loading {model}")
@@ -751,6 +758,7 @@ def _check(directory: str, vllm: bool = False, vllm_python: str | None = None) -
 
 def main(argv: list[str] | None = None) -> int:
     from ream_modifiers.check import CheckpointCheckError
+    from ream_modifiers.errors import InputError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
@@ -761,6 +769,9 @@ def main(argv: list[str] | None = None) -> int:
             demo(args.output, args.recipe, overwrite=args.overwrite)
             return 0
         return _compress(args, command=shlex.join(["ream-compress", *argv]))
+    except InputError as error:
+        print(f"error: {error.problem}\nfix: {error.fix}", file=sys.stderr)
+        return 2
     except CheckpointCheckError as error:
         print(
             f"error: the compressed checkpoint failed the check, so nothing was "
