@@ -303,6 +303,11 @@ def _compress_model(
     vllm_python: str | None = None,
 ) -> CompressionSummary | None:
     """Calibrate, compress, check and publish a loaded model (see :func:`compress`)."""
+    from ream_modifiers.quant_check import check_group_sizes
+    from ream_modifiers.recipe_check import load_checked_recipe
+
+    # before calibration: GPTQ would fail on these only after the reduction ran
+    check_group_sizes(moe_model, load_checked_recipe(recipe_path).modifiers)
     from ream_modifiers.check import check_checkpoint
     from ream_modifiers.data import build_calibration_dataset, build_mix
     from ream_modifiers.distributed import barrier, is_source_process, shard_for_rank

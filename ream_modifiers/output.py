@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -121,11 +123,33 @@ def staged_output(target: Path, overwrite: bool = False) -> Iterator[Path]:
     staging = staging_dir(target)
     staging.mkdir()
     try:
-        yield staging
-        _publish(staging, target, overwrite)
+        with _terminate_as_exit():
+            yield staging
+            _publish(staging, target, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+@contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """
+    SIGTERM (a scheduler's cancel, ``kill``) raises ``SystemExit`` inside the
+    block, as Ctrl-C raises ``KeyboardInterrupt``, so the staging directory is
+    removed on the way out instead of waiting for the next run.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager

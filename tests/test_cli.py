@@ -272,6 +272,34 @@ def test_killed_run_leaves_no_output_and_a_rerun_succeeds(tiny_model_dir, tmp_pa
     assert (out / CARD_FILENAME).is_file()
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_terminated_run_removes_its_staging_directory(tiny_model_dir, tmp_path, signum):
+    """A cancelled job (SIGTERM) or Ctrl-C (SIGINT) cleans up on the way out."""
+    model = tiny_model_dir("qwen3_moe")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ream_modifiers.cli", *_args(model, out)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    staging = tmp_path / f".out.tmp-{process.pid}"
+    deadline = time.monotonic() + 600
+    try:
+        while not staging.exists():
+            assert process.poll() is None, "the run ended before it could be stopped"
+            assert time.monotonic() < deadline, "the run never started writing"
+            time.sleep(0.02)
+    finally:
+        process.send_signal(signum)
+        process.wait(timeout=120)
+    assert process.returncode != 0
+    assert not out.exists()
+    assert not staging.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
 # -- larger than memory --------------------------------------------------------
 
 

@@ -39,3 +39,27 @@ def test_hub_ids_are_left_to_the_hub():
     check_model_source("gpt2")
     with pytest.raises(InputError, match="does not exist"):
         check_model_source("/abs/path/model")
+
+
+def test_group_size_that_does_not_divide_a_layer_is_refused_before_calibration(
+    tmp_path, capsys, no_calibration
+):
+    """DeepSeek-V3's kv_b_proj reads the kv_lora_rank-wide latent (here 32)."""
+    from ream_modifiers.tiny import build_tiny_moe
+
+    model = build_tiny_moe("deepseek_v3", tmp_path / "m", kv_lora_rank=32)
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert main(_compress(str(model), out)) == 2
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    error = next(line for line in lines if line.startswith("error: "))
+    fix = lines[lines.index(error) + 1]
+    assert "Traceback" not in err
+    assert error == (
+        "error: GPTQModifier: group_size 128 does not divide the input width of 3 "
+        "targeted Linear layer(s), e.g. model.layers.0.self_attn.kv_b_proj (32 wide)"
+    )
+    assert "'re:.*self_attn.kv_b_proj$'" in fix
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
