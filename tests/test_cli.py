@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -242,9 +243,8 @@ def test_remote_code_is_not_trusted_by_default(tiny_model_dir, tmp_path, monkeyp
     assert list(tmp_path.iterdir()) == []
 
 
-def test_killed_run_leaves_no_output_and_a_rerun_succeeds(tiny_model_dir, tmp_path):
-    model = tiny_model_dir("qwen3_moe")
-    out = tmp_path / "out"
+def _signal_once_staging(model, out, signum) -> tuple[subprocess.Popen, Path]:
+    """Run the CLI in a child, send ``signum`` once it writes its staging dir."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     process = subprocess.Popen(
         [sys.executable, "-m", "ream_modifiers.cli", *_args(model, out)],
@@ -252,16 +252,23 @@ def test_killed_run_leaves_no_output_and_a_rerun_succeeds(tiny_model_dir, tmp_pa
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    staging = tmp_path / f".out.tmp-{process.pid}"
+    staging = out.parent / f".{out.name}.tmp-{process.pid}"
     deadline = time.monotonic() + 600
     try:
         while not staging.exists():
-            assert process.poll() is None, "the run ended before it could be killed"
+            assert process.poll() is None, "the run ended before the signal"
             assert time.monotonic() < deadline, "the run never started writing"
             time.sleep(0.02)
     finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+        process.send_signal(signum)
+        process.wait(timeout=120)
+    return process, staging
+
+
+def test_killed_run_leaves_no_output_and_a_rerun_succeeds(tiny_model_dir, tmp_path):
+    model = tiny_model_dir("qwen3_moe")
+    out = tmp_path / "out"
+    process, staging = _signal_once_staging(model, out, signal.SIGKILL)
     assert process.returncode == -signal.SIGKILL
     assert not out.exists()
     assert staging.is_dir()  # killed mid-run: nothing cleaned up after it
@@ -275,25 +282,8 @@ def test_killed_run_leaves_no_output_and_a_rerun_succeeds(tiny_model_dir, tmp_pa
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_terminated_run_removes_its_staging_directory(tiny_model_dir, tmp_path, signum):
     """A cancelled job (SIGTERM) or Ctrl-C (SIGINT) cleans up on the way out."""
-    model = tiny_model_dir("qwen3_moe")
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "ream_modifiers.cli", *_args(model, out)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    staging = tmp_path / f".out.tmp-{process.pid}"
-    deadline = time.monotonic() + 600
-    try:
-        while not staging.exists():
-            assert process.poll() is None, "the run ended before it could be stopped"
-            assert time.monotonic() < deadline, "the run never started writing"
-            time.sleep(0.02)
-    finally:
-        process.send_signal(signum)
-        process.wait(timeout=120)
+    process, staging = _signal_once_staging(tiny_model_dir("qwen3_moe"), out, signum)
     assert process.returncode != 0
     assert not out.exists()
     assert not staging.exists()
