@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import shutil
 import sys
@@ -717,6 +718,13 @@ def _parser() -> argparse.ArgumentParser:
         "this one)",
     )
     show = commands.add_parser("demo", help="compress a small locally built MoE")
+    for command in (run, show):
+        command.add_argument(
+            "--verbose",
+            action="store_true",
+            help="keep llm-compressor's per-module logs (GPTQ prints a few lines "
+            "for every Linear it quantizes)",
+        )
     show.add_argument("--output", default="demo-output")
     show.add_argument("--recipe", default="reap_w4a16")
     show.add_argument(
@@ -745,6 +753,46 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# llm-compressor modules that log per quantized module (hundreds of lines per
+# decoder layer): kept to warnings and errors unless --verbose
+_PER_MODULE_LOGGERS = (
+    "llmcompressor.modifiers.gptq",
+    "llmcompressor.modifiers.quantization",
+    "llmcompressor.utils.metric_logging",
+)
+
+
+def quiet_library_logs() -> None:
+    """
+    llm-compressor's console log (stdout, its format and log-once filter),
+    minus its per-module lines below WARNING: GPTQ's ``Quantizing ...`` and
+    ``METRIC`` lines (METRIC sits at level 38, so a level alone would keep
+    it). Left alone when ``LLM_COMPRESSOR_LOG_LEVEL`` or ``..._DISABLED`` is set.
+    """
+    from llmcompressor.logger import LoggerConfig, configure_logger, support_log_once
+
+    if os.getenv("LLM_COMPRESSOR_LOG_LEVEL") or os.getenv(
+        "LLM_COMPRESSOR_LOG_DISABLED"
+    ):
+        return
+
+    def keep(record) -> bool:
+        if not support_log_once(record):
+            return False
+        if not record["name"].startswith(_PER_MODULE_LOGGERS):
+            return True
+        return record["level"].name in ("WARNING", "ERROR", "CRITICAL")
+
+    # clears the handlers and re-adds only the file log, if one is configured
+    configure_logger(LoggerConfig(console_log_level=None))
+    logger.add(
+        sys.stdout,
+        level="INFO",
+        format="{time:YYYY-MM-DDTHH:mm:ss.SSSS} | {function} | {level} - {message}",
+        filter=keep,
+    )
+
+
 def _check(directory: str, vllm: bool = False, vllm_python: str | None = None) -> int:
     from ream_modifiers.check import check_checkpoint
     from ream_modifiers.check.vllm_probe import VllmUnavailableError, probe_vllm
@@ -769,6 +817,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check":
         return _check(args.directory, args.vllm, args.vllm_python)
+    if not args.verbose:
+        quiet_library_logs()
     try:
         if args.command == "demo":
             demo(args.output, args.recipe, overwrite=args.overwrite)

@@ -413,3 +413,23 @@ def test_vllm_probe_surfaces_the_engine_processes_root_cause():
         "utilization"
     )
     assert _root_cause({"error": "KeyError: 'x'"}, stderr) == "KeyError: 'x'"
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_per_module_gptq_logs_only_with_verbose(tiny_model_dir, tmp_path, verbose):
+    """The default log is per layer; --verbose restores llm-compressor's."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    args = _args(tiny_model_dir("qwen3_moe"), tmp_path / "out", "reap_w4a16")
+    run = subprocess.run(
+        [sys.executable, "-m", "ream_modifiers.cli", *args]
+        + (["--verbose"] if verbose else []),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    log = run.stdout + run.stderr
+    assert ("| METRIC - error" in log) is verbose
+    assert ("Quantizing" in log) is verbose
+    assert "REAP model.layers.0.mlp: kept 6/8" in log  # our per-layer line
