@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from loguru import logger
 
+from ream_modifiers.errors import InputError
 from ream_modifiers.output import refuse_existing, shared_staged_output
 
 __all__ = ["main", "compress", "CompressionSummary"]
@@ -71,7 +72,10 @@ def resolve_recipe(recipe: str) -> Path:
         if candidate.is_file():
             return candidate
     known = sorted(p.stem for p in REPO_RECIPES.glob("*.yaml"))
-    raise SystemExit(f"error: recipe {recipe!r} not found; known recipes: {known}")
+    raise InputError(
+        f"recipe {recipe!r} not found; known recipes: {known}",
+        "give a recipe file's path or a known recipe's name",
+    )
 
 
 def _checkpoint_bytes(directory: Path) -> int:
@@ -180,20 +184,31 @@ def compress(
     recipe_path = resolve_recipe(recipe)
     init_distributed()  # a no-op unless started by torchrun
     if (dataset is None) == (mix is None):
-        raise SystemExit("error: give exactly one of --dataset and --mix")
+        raise InputError(
+            "give exactly one of --dataset and --mix",
+            "--dataset bundled (or a file, folder or dataset ID), or --mix "
+            "general=0.5,code=0.5",
+        )
     try:
         check_offload_options(offload, offload_folder)
     except OffloadOptionError as error:
-        raise SystemExit(f"error: {error}") from None
+        raise InputError(
+            str(error), "see --offload and --offload-folder in --help"
+        ) from None
     if sequential_targets_per_subgraph < 1:
-        raise SystemExit("error: --sequential-targets-per-subgraph must be >= 1")
+        raise InputError(
+            "--sequential-targets-per-subgraph must be >= 1",
+            "pass a positive count (1, the default, is one target per subgraph)",
+        )
     if check_vllm:
         from ream_modifiers.check.vllm_probe import VllmUnavailableError, require_vllm
 
         try:
             require_vllm(vllm_python)
         except VllmUnavailableError as error:
-            raise SystemExit(f"error: --check-vllm: {error}") from None
+            raise InputError(
+                f"--check-vllm: {error}", "install vLLM or pass --vllm-python"
+            ) from None
     output_dir = Path(output)
     refuse_existing(output_dir, overwrite)
     # parse the recipe now: a typo, or keys llm-compressor would skip, must fail
@@ -841,7 +856,10 @@ def _compress(args: argparse.Namespace, command: str) -> int:
     for item in args.mix_source:
         name, sep, path = item.partition("=")
         if not sep:
-            raise SystemExit(f"error: --mix-source {item!r} is not NAME=PATH")
+            raise InputError(
+                f"--mix-source {item!r} is not NAME=PATH",
+                "e.g. --mix-source code=data/",
+            )
         mix_sources[name] = path
     compress(
         args.recipe,

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from loguru import logger
 
+from ream_modifiers.errors import InputError
+
 __all__ = [
     "refuse_existing",
     "staging_dir",
@@ -33,16 +35,19 @@ _KINDS = ("tmp", "old")  # staging, and a replaced output awaiting deletion
 
 def refuse_existing(target: Path, overwrite: bool) -> None:
     """
-    :raises SystemExit: if ``target`` is a file, or a non-empty directory and
+    :raises InputError: if ``target`` is a file, or a non-empty directory and
         ``overwrite`` is False
     """
     if not target.exists():
         return
     if not target.is_dir():
-        raise SystemExit(f"error: {target} exists and is not a directory")
+        raise InputError(
+            f"{target} exists and is not a directory", "choose another --output"
+        )
     if not overwrite and any(target.iterdir()):
-        raise SystemExit(
-            f"error: {target} exists and is not empty; pass --overwrite to replace it"
+        raise InputError(
+            f"{target} exists and is not empty; pass --overwrite to replace it",
+            "pass --overwrite, or choose another --output",
         )
 
 

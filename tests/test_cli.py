@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -13,7 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from ream_modifiers.card import CARD_FILENAME
 from ream_modifiers.check import check_checkpoint
-from ream_modifiers.cli import REPO_ROOT, SUMMARY_FILENAME, main
+from ream_modifiers.cli import REPO_ROOT, SUMMARY_FILENAME, compress, main
+from ream_modifiers.errors import InputError
 from ream_modifiers.plot import PLOT_FILENAME
 from ream_modifiers.saving import REPORT_FILENAME
 
@@ -138,29 +140,31 @@ def test_failed_run_leaves_no_output(tiny_model_dir, tmp_path):
     assert list(tmp_path.iterdir()) == [recipe]
 
 
-def test_unknown_recipe_and_existing_output(tmp_path):
-    with pytest.raises(SystemExit, match="not found; known recipes"):
-        main(
-            [
-                "compress",
-                "nope",
-                "--model",
-                "m",
-                "--dataset",
-                "bundled",
-                "--output",
-                str(tmp_path / "o"),
-            ]
-        )
+def _refused(capsys, argv: list[str], message: str) -> None:
+    """``main`` exits 2 with an ``error:`` line matching ``message`` and a fix."""
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.splitlines()
+    error = next(line for line in lines if line.startswith("error: "))
+    assert re.search(message, error), error
+    assert lines[lines.index(error) + 1].startswith("fix: ")
+
+
+def test_unknown_recipe_and_existing_output(tmp_path, capsys):
+    argv = ["compress", "nope", "--model", "m", "--dataset", "bundled"]
+    _refused(capsys, [*argv, "--output", str(tmp_path / "o")], "not found; known")
     (tmp_path / "keep.txt").write_text("mine")
-    with pytest.raises(SystemExit, match="exists and is not empty; pass --overwrite"):
-        main(_args("m", tmp_path))
-    with pytest.raises(SystemExit, match="exists and is not a directory"):
-        main(_args("m", tmp_path / "keep.txt", "aimer_w4a16", "--overwrite"))
+    _refused(capsys, _args("m", tmp_path), "exists and is not empty; pass --overwrite")
+    _refused(
+        capsys,
+        _args("m", tmp_path / "keep.txt", "aimer_w4a16", "--overwrite"),
+        "exists and is not a directory",
+    )
     assert (tmp_path / "keep.txt").read_text() == "mine"
+    with pytest.raises(InputError, match="not found; known recipes"):
+        compress("nope", "m", "bundled", str(tmp_path / "o"))
 
 
-def test_compress_with_a_calibration_mix(tiny_model_dir, tmp_path):
+def test_compress_with_a_calibration_mix(tiny_model_dir, tmp_path, capsys):
     code_dir = tmp_path / "code"
     code_dir.mkdir()
     (code_dir / "a.txt").write_text("def f(x):\n    return x * 2\n\n" * 20)
@@ -203,10 +207,11 @@ def test_compress_with_a_calibration_mix(tiny_model_dir, tmp_path):
     proposed = sum(len(e["merge_errors"]) for e in report[0]["layers"].values())
     assert f"of {proposed} proposed merges kept" in card
     assert "mix of code 4, general 2, math 2 rows" in card
-    with pytest.raises(SystemExit, match="exactly one of --dataset and --mix"):
-        main(
-            ["compress", "ream_w4a16", "--model", "m", "--output", str(tmp_path / "x")]
-        )
+    _refused(
+        capsys,
+        ["compress", "ream_w4a16", "--model", "m", "--output", str(tmp_path / "x")],
+        "exactly one of --dataset and --mix",
+    )
 
 
 def test_failed_check_leaves_no_output(tiny_model_dir, tmp_path, monkeypatch, capsys):
@@ -301,10 +306,10 @@ def test_terminated_run_removes_its_staging_directory(tiny_model_dir, tmp_path, 
         (["--sequential-targets-per-subgraph", "0"], "must be >= 1"),
     ],
 )
-def test_bad_offload_options_fail_before_loading(tmp_path, extra, message):
+def test_bad_offload_options_fail_before_loading(tmp_path, capsys, extra, message):
     # the model does not exist: the error must come before it is loaded
-    with pytest.raises(SystemExit, match=message):
-        main(_args(tmp_path / "no-such-model", tmp_path / "out", "reap_w4a16", *extra))
+    argv = _args(tmp_path / "no-such-model", tmp_path / "out", "reap_w4a16", *extra)
+    _refused(capsys, argv, message)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
@@ -384,7 +389,7 @@ def test_compress_check_vllm_without_vllm_fails_before_calibration(
 ):
     from ream_modifiers.cli import compress
 
-    with pytest.raises(SystemExit, match="--check-vllm: .*cannot import vllm"):
+    with pytest.raises(InputError, match="--check-vllm: .*cannot import vllm"):
         compress(
             "reap_w4a16",
             str(tiny_model_dir("qwen3_moe")),

@@ -3,6 +3,7 @@ import subprocess
 
 import pytest
 
+from ream_modifiers.errors import InputError
 from ream_modifiers.output import (
     refuse_existing,
     remove_stale,
@@ -23,10 +24,10 @@ def test_refuse_existing(tmp_path):
     empty.mkdir()
     refuse_existing(empty, overwrite=False)
     (empty / "f").write_text("x")
-    with pytest.raises(SystemExit, match="is not empty; pass --overwrite"):
+    with pytest.raises(InputError, match="is not empty; pass --overwrite"):
         refuse_existing(empty, overwrite=False)
     refuse_existing(empty, overwrite=True)
-    with pytest.raises(SystemExit, match="exists and is not a directory"):
+    with pytest.raises(InputError, match="exists and is not a directory"):
         refuse_existing(empty / "f", overwrite=True)
 
 
@@ -64,7 +65,7 @@ def test_overwrite_replaces_the_whole_output(tmp_path):
 
 def test_output_appearing_during_the_run_is_not_clobbered(tmp_path):
     target = tmp_path / "out"
-    with pytest.raises(SystemExit, match="is not empty"):
+    with pytest.raises(InputError, match="is not empty"):
         with staged_output(target) as staging:
             (staging / "new.txt").write_text("fresh")
             target.mkdir()
