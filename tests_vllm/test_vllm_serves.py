@@ -11,7 +11,7 @@ process (vLLM is imported once; a tiny checkpoint then takes about 5 s).
 The matrix: every family of the unit tests' architecture matrix, each method,
 plain and GPTQ W4A16. The default slice gives every family both formats with a
 method that rotates through the list, and Qwen3-MoE every method in both
-formats (58 tests, 8 min 24 s in a clean-clone CI run on 2 cores);
+formats (58 tests, 7-8.5 min in clean-clone CI runs on 2 cores);
 ``REAM_VLLM_FULL=1`` runs the whole product (245 checkpoints, 26 min), and
 ``REAM_VLLM_REPORT=FILE`` writes each checkpoint's outcome (BENCHMARKS.md's
 table). Each cell asserts:
