@@ -179,6 +179,7 @@ def compress(
     from ream_modifiers.errors import check_model_source
     from ream_modifiers.moe import load_moe_model
     from ream_modifiers.moe.offload import OffloadOptionError, check_offload_options
+    from ream_modifiers.quant_check import check_group_sizes
     from ream_modifiers.recipe_check import load_checked_recipe
 
     recipe_path = resolve_recipe(recipe)
@@ -213,7 +214,7 @@ def compress(
     refuse_existing(output_dir, overwrite)
     # parse the recipe now: a typo, or keys llm-compressor would skip, must fail
     # before the model is even loaded
-    load_checked_recipe(recipe_path)
+    recipe_modifiers = load_checked_recipe(recipe_path).modifiers
     check_model_source(str(model))
 
     start = time.perf_counter()
@@ -234,6 +235,8 @@ def compress(
             offload=offload,
             offload_folder=offload_folder,
         )
+        # before calibration: GPTQ would fail on these only after the reduction
+        check_group_sizes(moe_model, recipe_modifiers)
         summary = _compress_model(
             moe_model,
             tokenizer,
@@ -319,11 +322,6 @@ def _compress_model(
     vllm_python: str | None = None,
 ) -> CompressionSummary | None:
     """Calibrate, compress, check and publish a loaded model (see :func:`compress`)."""
-    from ream_modifiers.quant_check import check_group_sizes
-    from ream_modifiers.recipe_check import load_checked_recipe
-
-    # before calibration: GPTQ would fail on these only after the reduction ran
-    check_group_sizes(moe_model, load_checked_recipe(recipe_path).modifiers)
     from ream_modifiers.check import check_checkpoint
     from ream_modifiers.data import build_calibration_dataset, build_mix
     from ream_modifiers.distributed import barrier, is_source_process, shard_for_rank

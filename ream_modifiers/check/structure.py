@@ -12,9 +12,9 @@ from typing import Any
 from ream_modifiers.check.layout import QUANT_PARAMS, MoEBlock, StoredTensor
 from ream_modifiers.check.report import CheckReport
 from ream_modifiers.moe.architectures import MoEArchSpec
+from ream_modifiers.moe.packed_names import PACKED_PARAMS
 
 __all__ = [
-    "PACKED_PARAMS",
     "check_complete",
     "check_config_counts",
     "check_fused",
@@ -218,11 +218,6 @@ def check_fused(report: CheckReport, block: MoEBlock, spec: MoEArchSpec) -> None
             "save with ream_modifiers (ensure_hub_save_names writes the hub's "
             "fused layout for unquantized experts)",
         )
-
-
-# what vLLM's gpt-oss loader reads per quantized expert and projection
-# (models/gpt_oss.py, _GPT_OSS_STREAMED_EXPERT_SUFFIX_TO_SHARD)
-PACKED_PARAMS = ("weight_packed", "weight_scale", "bias")
 
 
 def check_packed_names(report: CheckReport, block: MoEBlock, spec: MoEArchSpec) -> None:

@@ -36,21 +36,23 @@ from transformers.core_model_loading import (
     WeightConverter,
     WeightTransform,
 )
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME as INDEX_FILENAME
 
 from ream_modifiers.moe.architectures import MoEArchSpec
 
 __all__ = [
+    "PACKED_PARAMS",
     "PackedNamesError",
     "packed_names_load_conversions",
     "write_packed_names",
 ]
 
-INDEX_FILENAME = "model.safetensors.index.json"
 _PROJECTION = re.compile(
     r"^(?P<expert>.+\.\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.(?P<param>\w+)$"
 )
-# a gate/up pair's tensors interleaved row by row; the rest renamed as they are
-_ROW_PARAMS = ("weight_packed", "weight_scale", "bias")
+# what vLLM's loader reads per quantized expert and prefix (the gate/up pair's
+# interleaved row by row, down's renamed); anything else cannot be served
+PACKED_PARAMS = ("weight_packed", "weight_scale", "bias")
 _DROPPED = ("weight_shape",)
 
 
@@ -95,10 +97,10 @@ def _plan(
             continue  # not quantized: saved fused by the family's conversions
         if param in _DROPPED:
             plan[name] = (name, None, "")
-        elif param not in _ROW_PARAMS:
+        elif param not in PACKED_PARAMS:
             raise PackedNamesError(
                 f"{name}: vLLM's {spec.model_type} loader reads quantized experts "
-                f"only as {gate_up}_/{down}_{{{', '.join(_ROW_PARAMS)}}}, so "
+                f"only as {gate_up}_/{down}_{{{', '.join(PACKED_PARAMS)}}}, so "
                 f"{param!r} (an asymmetric or activation-ordered scheme) cannot be "
                 "served; quantize the experts with a symmetric scheme without "
                 "group activation ordering (W4A16), or ignore them"
