@@ -16,9 +16,9 @@ import time
 import torch
 from common import RESULTS
 
-from ream_modifiers.methods.aimer import aimer_score
-from ream_modifiers.methods.dern import assign_segments, recombine_expert
-from ream_modifiers.methods.moeits import layer_nmi
+from ream_modifiers.modifiers.aimer.score import aimer_score
+from ream_modifiers.modifiers.dern.recombine import assign_segments, recombine_expert
+from ream_modifiers.modifiers.moeits.nmi import layer_nmi
 from ream_modifiers.moe.layer import ExpertWeights
 
 

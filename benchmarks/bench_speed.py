@@ -28,7 +28,7 @@ from common import RESULTS, build, header, model_arguments, quiet, timed_oneshot
 from llmcompressor.modifiers import Modifier
 
 from ream_modifiers import DERNModifier, REAMModifier, REAPModifier
-from ream_modifiers.methods.aimer import aimer_score, aimer_score_experts
+from ream_modifiers.modifiers.aimer.score import aimer_score, aimer_score_experts
 
 
 class NoOpCalibrationModifier(Modifier):

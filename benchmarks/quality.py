@@ -38,25 +38,16 @@ from safetensors import safe_open
 from tasks_eval import evaluate, recovery
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import ream_modifiers
 from ream_modifiers.data.calibration import pack_rows, rows_dataset
 from ream_modifiers.moe import load_moe_model
+from ream_modifiers.registry import methods
 
 FIXTURE = Path(__file__).parent / "fixture"
 sys.path.insert(0, str(FIXTURE))
 from corpus import build_corpus  # noqa: E402
 
-METHODS = {
-    "REAP": ream_modifiers.REAPModifier,
-    "REAM": ream_modifiers.REAMModifier,
-    "HC-SMoE": ream_modifiers.HCSMoEModifier,
-    "M-SMoE": ream_modifiers.MSMoEModifier,
-    "Frequency": ream_modifiers.FrequencyPruningModifier,
-    "EAN": ream_modifiers.EANPruningModifier,
-    "AIMER": ream_modifiers.AIMERModifier,
-    "DERN": ream_modifiers.DERNModifier,
-    "MoEITS": ream_modifiers.MoEITSModifier,
-}
+# every registered method, by its display name
+METHODS = {method.label: method.modifier for method in methods()}
 
 
 def calibration_rows(tokenizer, count: int, seq_len: int = 128) -> list:

@@ -1,68 +1,64 @@
 """
 ream-modifiers: expert pruning and merging for MoE LLMs as llm-compressor
-modifiers. Importing the package registers every modifier with llm-compressor's
-``ModifierFactory`` so that YAML recipes resolve the class names, and makes
-llm-compressor's sequential pipeline calibrate with causal attention masks (see
-:mod:`ream_modifiers.causal_calibration`).
+modifiers. ``import ream_modifiers`` registers every modifier with
+llm-compressor's ``ModifierFactory`` so that YAML recipes resolve the class
+names, and makes llm-compressor's sequential pipeline calibrate with causal
+attention masks (see :mod:`ream_modifiers.causal_calibration`).
+
+The package itself imports neither torch nor llm-compressor: the registration
+runs when llm-compressor is imported (or at once, if it already is; see
+:mod:`ream_modifiers._registration`), and the classes below load on first use.
+So ``import ream_modifiers.check`` stays light.
 """
 
-from llmcompressor.modifiers.factory import ModifierFactory
+from __future__ import annotations
 
-from ream_modifiers import causal_calibration as _causal_calibration
-from ream_modifiers.modifiers import (
-    AIMERModifier,
-    DERNModifier,
-    EANPruningModifier,
-    ExpertMergingModifier,
-    ExpertReductionModifier,
-    FrequencyPruningModifier,
-    HCSMoEModifier,
-    MoEITSModifier,
-    MSMoEModifier,
-    REAMModifier,
-    REAPModifier,
-)
-from ream_modifiers.moe import find_moe_layers, load_moe_model
+import importlib
+from typing import Any
+
+from ream_modifiers._registration import register, register_when_imported
 
 __version__ = "0.1.0"
 
-MODIFIERS = (
-    REAPModifier,
-    AIMERModifier,
-    REAMModifier,
-    HCSMoEModifier,
-    MSMoEModifier,
-    FrequencyPruningModifier,
-    EANPruningModifier,
-    DERNModifier,
-    MoEITSModifier,
-)
+# public name -> module that defines it, imported on first access (PEP 562)
+_LAZY = {
+    **dict.fromkeys(
+        (
+            "AIMERModifier",
+            "DERNModifier",
+            "EANPruningModifier",
+            "ExpertMergingModifier",
+            "ExpertReductionModifier",
+            "FrequencyPruningModifier",
+            "HCSMoEModifier",
+            "MSMoEModifier",
+            "MoEITSModifier",
+            "REAMModifier",
+            "REAPModifier",
+        ),
+        "ream_modifiers.modifiers",
+    ),
+    "find_moe_layers": "ream_modifiers.moe.layer",
+    "load_moe_model": "ream_modifiers.moe.load",
+}
 
-__all__ = [
-    "MODIFIERS",
-    "AIMERModifier",
-    "DERNModifier",
-    "EANPruningModifier",
-    "ExpertMergingModifier",
-    "ExpertReductionModifier",
-    "FrequencyPruningModifier",
-    "HCSMoEModifier",
-    "MSMoEModifier",
-    "MoEITSModifier",
-    "REAMModifier",
-    "REAPModifier",
-    "find_moe_layers",
-    "load_moe_model",
-    "register",
-]
+__all__ = ["MODIFIERS", *sorted(_LAZY), "register"]
 
 
-def register() -> None:
-    """Register every modifier of this package with llm-compressor (idempotent)."""
-    for cls in MODIFIERS:
-        if ModifierFactory._registered_registry.get(cls.__name__) is not cls:
-            ModifierFactory.register(cls.__name__, cls)
+def __getattr__(name: str) -> Any:
+    if name == "MODIFIERS":
+        # every registered method's modifier (see ream_modifiers.registry)
+        importlib.import_module("ream_modifiers.modifiers")
+        from ream_modifiers.registry import methods
+
+        return tuple(method.modifier for method in methods())
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ream_modifiers' has no attribute {name!r}")
 
 
-register()
-_causal_calibration.install()
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+register_when_imported()

@@ -17,37 +17,12 @@ import yaml
 from loguru import logger
 
 from ream_modifiers.plot import PLOT_FILENAME, is_merging
+from ream_modifiers.registry import method_for_report, methods
 
-__all__ = ["CARD_FILENAME", "PAPERS", "CardInputs", "render_card", "write_card"]
+__all__ = ["CARD_FILENAME", "CardInputs", "render_card", "write_card"]
 
 CARD_FILENAME = "README.md"
 
-# Paper titles by the URL the modifiers report (``ExpertReductionModifier.paper``).
-PAPERS = {
-    "https://arxiv.org/abs/2510.13999": (
-        "REAP the Experts: Why Pruning Prevails for One-Shot MoE Compression"
-    ),
-    "https://arxiv.org/abs/2604.04356": (
-        "REAM: Merging Improves Pruning of Experts in LLMs"
-    ),
-    "https://arxiv.org/abs/2509.10377": (
-        "Dropping Experts, Recombining Neurons: Retraining-Free Pruning for Sparse "
-        "Mixture-of-Experts LLMs"
-    ),
-    "https://arxiv.org/abs/2603.18492": (
-        "AIMER: Calibration-Free Task-Agnostic MoE Pruning"
-    ),
-    "https://arxiv.org/abs/2604.10603": (
-        "MoEITS: A Green AI approach for simplifying MoE-LLMs"
-    ),
-    "https://arxiv.org/abs/2410.08589": (
-        "Retraining-Free Merging of Sparse MoE via Hierarchical Clustering"
-    ),
-    "https://arxiv.org/abs/2310.01334": (
-        "Merge, Then Compress: Demystify Efficient SMoE with Hints from Its "
-        "Routing Policy"
-    ),
-}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _VERSIONED = ("llmcompressor", "compressed-tensors", "transformers", "torch")
 
@@ -103,7 +78,12 @@ def _version(package: str) -> str:
 def _tags(inputs: CardInputs) -> list[str]:
     tags = ["moe"]
     for report in inputs.reports:
-        merged = is_merging(report) or report.get("method") == "DERN"
+        method = method_for_report(report)
+        # recombination always folds removed experts' neurons into kept ones;
+        # a merging method only where its report has merged groups
+        merged = is_merging(report) or (
+            method is not None and method.kind == "recombine"
+        )
         pruned = not is_merging(report)
         tags += ["expert-merging"] * merged + ["expert-pruning"] * pruned
         if report.get("method"):
@@ -153,7 +133,7 @@ def _schemes(recipe_yaml: str) -> list[str]:
 def _method_lines(report: dict[str, Any]) -> list[str]:
     method = report.get("method", "?")
     url = report.get("paper") or ""
-    title = PAPERS.get(url)
+    title = next((m.paper_title for m in methods() if m.paper == url), None)
     if title:
         arxiv = url.rsplit("/", 1)[-1]
         cite = f'"{title}" ([arXiv {arxiv}]({url}))'
@@ -234,8 +214,6 @@ def render_card(inputs: CardInputs) -> str:
     s = inputs.summary
     name = Path(inputs.output).name
     before, after = s.get("experts_per_layer_before"), s.get("experts_per_layer_after")
-    remote = " --trust-remote-code" if inputs.trust_remote_code else ""
-    remote_py = ", trust_remote_code=True" if inputs.trust_remote_code else ""
     ratio = s["gib_after"] / s["gib_before"] if s.get("gib_before") else float("nan")
     lines = [
         _front_matter(inputs),
@@ -274,6 +252,24 @@ def render_card(inputs: CardInputs) -> str:
             "",
             f"![expert scores per layer]({PLOT_FILENAME})",
         ]
+    lines += _serving_lines(inputs)
+    if inputs.command:
+        lines += ["", "## Reproduce", "", "```bash", inputs.command, "```"]
+    versions = ", ".join(f"{p} {_version(p)}" for p in _VERSIONED)
+    lines += [
+        "",
+        "## Versions",
+        "",
+        f"ream-modifiers {tool_version()}; {versions}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _serving_lines(inputs: CardInputs) -> list[str]:
+    remote = " --trust-remote-code" if inputs.trust_remote_code else ""
+    remote_py = ", trust_remote_code=True" if inputs.trust_remote_code else ""
+    lines: list[str] = []
     lines += [
         "",
         "## Serving with vLLM",
@@ -294,17 +290,7 @@ def render_card(inputs: CardInputs) -> str:
         "transformers: `AutoModelForCausalLM.from_pretrained("
         f'"{inputs.output}"{remote_py})` (needs `compressed-tensors`).',
     ]
-    if inputs.command:
-        lines += ["", "## Reproduce", "", "```bash", inputs.command, "```"]
-    versions = ", ".join(f"{p} {_version(p)}" for p in _VERSIONED)
-    lines += [
-        "",
-        "## Versions",
-        "",
-        f"ream-modifiers {tool_version()}; {versions}.",
-        "",
-    ]
-    return "\n".join(lines)
+    return lines
 
 
 def write_card(inputs: CardInputs, directory: str | Path) -> Path:

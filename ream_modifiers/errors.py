@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["InputError", "check_model_source"]
+__all__ = ["InputError", "check_model_source", "looks_local"]
 
 
 class InputError(ValueError):
@@ -21,7 +21,7 @@ class InputError(ValueError):
         self.fix = fix
 
 
-def _looks_local(source: str) -> bool:
+def looks_local(source: str) -> bool:
     """A path rather than a hub ID (``org/name`` or a bare legacy name)."""
     return (
         os.path.isabs(source)
@@ -45,7 +45,7 @@ def check_model_source(source: str) -> None:
                 "*.safetensors, tokenizer files)",
             )
         return
-    if _looks_local(source):
+    if looks_local(source):
         raise InputError(
             f"model directory {source} does not exist",
             "check the path, or give a Hugging Face model ID such as "

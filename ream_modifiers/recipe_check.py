@@ -26,10 +26,11 @@ __all__ = ["RecipeError", "ignored_keys", "load_checked_recipe"]
 
 # top-level keys llm-compressor reads without the suffix rule
 _RECIPE_LEVEL_KEYS = frozenset({"args", "version", "metadata"})
+# one line, as the CLI prints it after ``fix:`` (YAML flow style)
 _NAMING_RULE = (
     "name each stage `<name>_stage` and each modifier group inside it "
-    "`<name>_modifiers`, e.g.\n  reap_stage:\n    reap_modifiers:\n"
-    "      REAPModifier: {sparsity: 0.25}"
+    "`<name>_modifiers`, e.g. "
+    "{reap_stage: {reap_modifiers: {REAPModifier: {sparsity: 0.25}}}}"
 )
 
 
@@ -81,8 +82,20 @@ def _class_error(path: Path, name: str) -> RecipeError:
 
 def _field_error(path: Path, error: ValidationError) -> RecipeError:
     first = error.errors()[0]
-    field = ".".join(str(part) for part in first["loc"]) or "?"
+    field = ".".join(str(part) for part in first["loc"])
     model = error.title
+    if not field:
+        # a check across fields (both num_experts and sparsity, a range): its
+        # own message names the modifier and the values
+        cause = first.get("ctx", {}).get("error")
+        message = str(cause) if cause is not None else first["msg"]
+        if not message.startswith(model):
+            message = f"{model}: {message}"
+        return RecipeError(
+            f"recipe {path}: {message}",
+            f"correct the {model} settings; help(ream_modifiers.{model}) lists "
+            "the fields",
+        )
     problem = f"recipe {path}: {model}.{field}: {first['msg']}"
     fix = f"correct {model}.{field}; help(ream_modifiers.{model}) lists the fields"
     if first["type"] == "extra_forbidden":

@@ -24,11 +24,13 @@ from ream_modifiers.distributed import (
     shard_for_rank,
 )
 from ream_modifiers.observe.statistics import _two_sum_into
+from ream_modifiers.registry import methods
 from ream_modifiers.saving import REPORT_FILENAME
 from ream_modifiers.tiny import build_tiny_moe
 
 WORKER = Path(__file__).with_name("torchrun_worker.py")
-METHODS = ["reap", "ream", "hcsmoe", "msmoe", "dern", "frequency", "ean"]
+# every method that calibrates reduces statistics across ranks
+METHODS = [method.name for method in methods() if method.needs_data]
 
 
 def _free_port() -> int:

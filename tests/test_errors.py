@@ -6,6 +6,7 @@ import pytest
 
 from ream_modifiers.cli import main
 from ream_modifiers.errors import InputError, check_model_source
+from tests.helpers import refused
 
 
 def _compress(model: str, out) -> list[str]:
@@ -23,14 +24,10 @@ def _compress(model: str, out) -> list[str]:
 )
 def test_bad_model_path(tmp_path, capsys, make, named):
     model = make(tmp_path)
-    assert main(_compress(model, tmp_path / "out")) == 2
-    err = capsys.readouterr().err
-    error, fix = err.strip().split("\n", 1)
-    assert error == f"error: model directory {model} " + (
+    refusal = refused(capsys, _compress(model, tmp_path / "out"))
+    assert refusal.error == f"model directory {model} " + (
         "does not exist" if named == "does not exist" else "has no config.json"
     )
-    assert fix.startswith("fix: ")
-    assert "Traceback" not in err
     assert not (tmp_path / "out").exists()
 
 
@@ -48,18 +45,21 @@ def test_group_size_that_does_not_divide_a_layer_is_refused_before_calibration(
     from ream_modifiers.tiny import build_tiny_moe
 
     model = build_tiny_moe("deepseek_v3", tmp_path / "m", kv_lora_rank=32)
-    capsys.readouterr()
     out = tmp_path / "out"
-    assert main(_compress(str(model), out)) == 2
-    err = capsys.readouterr().err
-    lines = err.splitlines()
-    error = next(line for line in lines if line.startswith("error: "))
-    fix = lines[lines.index(error) + 1]
-    assert "Traceback" not in err
-    assert error == (
-        "error: GPTQModifier: group_size 128 does not divide the input width of 3 "
+    refusal = refused(capsys, _compress(str(model), out))
+    assert refusal.error == (
+        "GPTQModifier: group_size 128 does not divide the input width of 3 "
         "targeted Linear layer(s), e.g. model.layers.0.self_attn.kv_b_proj (32 wide)"
     )
-    assert "'re:.*self_attn.kv_b_proj$'" in fix
+    assert "'re:.*self_attn.kv_b_proj$'" in refusal.fix
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+def test_debug_adds_the_traceback_to_a_refusal(tmp_path, capsys):
+    missing = str(tmp_path / "missing")
+    assert main([*_compress(missing, tmp_path / "out"), "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err
+    assert f"error: model directory {missing} does not exist\nfix: " in err
+    assert not (tmp_path / "out").exists()

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from ream_modifiers.cli import main
 from ream_modifiers.recipe_check import RecipeError, load_checked_recipe
+from tests.helpers import refused
 
 REAP = "REAPModifier:\n      sparsity: 0.25\n"
 GPTQ = "GPTQModifier:\n      targets: [Linear]\n      scheme: W4A16\n"
@@ -68,15 +68,11 @@ def test_bad_recipe_is_refused_before_the_model_loads(tmp_path, capsys, case):
     recipe.write_text(text)
     out = tmp_path / "out"
     # a model path that does not exist: the recipe error must come first
-    code = main(["compress", str(recipe), "--model", str(tmp_path / "no-model"),
-                 "--dataset", "bundled", "--output", str(out)])  # fmt: skip
-    captured = capsys.readouterr()
-    assert code == 2
-    error, fix = captured.err.strip().split("\n", 1)
-    assert error.startswith("error: recipe ") and named in error, error
-    assert fix.startswith("fix: ")
-    assert SUGGESTIONS.get(case, "") in fix
-    assert "Traceback" not in captured.err
+    argv = ["compress", str(recipe), "--model", str(tmp_path / "no-model"),
+            "--dataset", "bundled", "--output", str(out)]  # fmt: skip
+    refusal = refused(capsys, argv)
+    assert refusal.error.startswith("recipe ") and named in refusal.error
+    assert SUGGESTIONS.get(case, "") in refusal.fix
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
 
 

@@ -21,7 +21,6 @@ from llmcompressor.core import reset_session  # noqa: E402
 from torch import distributed as dist  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-import ream_modifiers as rm  # noqa: E402
 from ream_modifiers.data import build_calibration_dataset  # noqa: E402
 from ream_modifiers.distributed import (  # noqa: E402
     init_distributed,
@@ -32,19 +31,22 @@ from ream_modifiers.observe.statistics import (  # noqa: E402
     ActivationSamples,
     RoutedExpertSums,
 )
+from ream_modifiers.registry import methods  # noqa: E402
 
 NUM_SAMPLES = 10  # not a multiple of the ranks: unequal shards
 SEQ_LEN = 24
 
+# every method that calibrates; REAM with fewer activation samples than tokens,
+# so the choice of samples matters
+_OVERRIDES = {"ream": {"max_activation_tokens": 48}}
 METHODS = {
-    "reap": lambda: rm.REAPModifier(sparsity=0.5),
-    # fewer activation samples than tokens, so the sample choice matters
-    "ream": lambda: rm.REAMModifier(sparsity=0.5, max_activation_tokens=48),
-    "hcsmoe": lambda: rm.HCSMoEModifier(sparsity=0.5),
-    "msmoe": lambda: rm.MSMoEModifier(sparsity=0.5),
-    "dern": lambda: rm.DERNModifier(sparsity=0.5),
-    "frequency": lambda: rm.FrequencyPruningModifier(sparsity=0.5),
-    "ean": lambda: rm.EANPruningModifier(sparsity=0.5),
+    method.name: (
+        lambda method=method: method.modifier(
+            sparsity=0.5, **_OVERRIDES.get(method.name, {})
+        )
+    )
+    for method in methods()
+    if method.needs_data
 }
 
 

@@ -10,6 +10,7 @@ from ream_modifiers.check.layout import find_blocks, read_shapes
 from ream_modifiers.check.quantization import check_quantization
 from ream_modifiers.check.report import CheckReport
 from ream_modifiers.check.structure import (
+    ConfigKeys,
     check_complete,
     check_config_counts,
     check_fused,
@@ -76,8 +77,9 @@ def check_checkpoint(path: str | Path) -> CheckReport:
     counts = set(report.experts_per_layer.values())
     if len(counts) == 1:
         count = counts.pop()
-        check_config_counts(report, spec, text, prefix, count)
-        check_routing(report, spec, text, prefix, count)
+        config_keys = ConfigKeys(spec, text, prefix)
+        check_config_counts(report, config_keys, count)
+        check_routing(report, config_keys, count)
     check_quantization(report, config, blocks, shapes, spec)
     return report
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ream_modifiers.check.report import CheckReport
+from ream_modifiers.model_files import ModelFileError, read_safetensors_header
 from ream_modifiers.moe.architectures import MoEArchSpec
 
 __all__ = [
@@ -75,8 +76,6 @@ class MoEBlock:
 
 def read_shapes(directory: Path, report: CheckReport) -> dict[str, tuple[int, ...]]:
     """Every tensor name and shape, from the safetensors headers."""
-    from safetensors import safe_open
-
     index_path = directory / INDEX_FILENAME
     weight_map: dict[str, str] | None = None
     if index_path.is_file():
@@ -102,9 +101,14 @@ def read_shapes(directory: Path, report: CheckReport) -> dict[str, tuple[int, ..
                 "copy the missing shard or save the checkpoint again",
             )
             continue
-        with safe_open(file, "pt") as handle:
-            for name in handle.keys():
-                shapes[name] = tuple(handle.get_slice(name).get_shape())
+        try:
+            header = read_safetensors_header(file)
+        except ModelFileError as error:
+            report.add("unreadable-shard", file.name, error.problem, error.fix)
+            continue
+        for name, entry in header.items():
+            if name != "__metadata__":
+                shapes[name] = tuple(entry["shape"])
                 stored_in[name] = file.name
     for name, file in (weight_map or {}).items():
         if (directory / file).is_file() and stored_in.get(name) != file:
@@ -124,6 +128,44 @@ def _to_memory(name: str, spec: MoEArchSpec) -> str:
     return name
 
 
+@dataclass
+class _NamePatterns:
+    """How a family's tensors are named on disk (after undoing hub renames)."""
+
+    expert: re.Pattern
+    fused: re.Pattern
+    packed: re.Pattern | None
+    router: re.Pattern
+    bias: re.Pattern | None
+
+    @classmethod
+    def of(cls, spec: MoEArchSpec) -> _NamePatterns:
+        experts = re.escape(spec.experts_attr)
+        packed = spec.packed_expert_names
+        projections = "|".join(map(re.escape, packed or ()))
+        return cls(
+            expert=re.compile(
+                rf"^(?P<block>.+)\.{experts}\.(?P<index>\d+)\.(?P<proj>[^.]+)"
+                rf"\.(?P<param>[^.]+)$"
+            ),
+            fused=re.compile(
+                rf"^(?P<block>.+)\.{experts}\.(?P<name>\w*(gate_up|up|down|gate)_proj\w*)$"
+            ),
+            packed=re.compile(
+                rf"^(?P<block>.+)\.{experts}\.(?P<index>\d+)\."
+                rf"(?P<proj>{projections})_(?P<param>\w+)$"
+            )
+            if packed
+            else None,
+            router=re.compile(
+                rf"^(?P<block>.+)\.{re.escape(spec.router_attr)}\.(?P<param>[^.]+)$"
+            ),
+            bias=re.compile(rf"^(?P<block>.+)\.{re.escape(spec.hub_bias)}$")
+            if spec.hub_bias
+            else None,
+        )
+
+
 def find_blocks(
     shapes: dict[str, tuple[int, ...]], spec: MoEArchSpec
 ) -> tuple[dict[str, MoEBlock], list[str]]:
@@ -131,30 +173,7 @@ def find_blocks(
     MoE blocks keyed by in-memory name, and the fused expert tensors that are
     not part of the family's layout (:attr:`MoEArchSpec.fused_experts`).
     """
-    experts = re.escape(spec.experts_attr)
-    expert_re = re.compile(
-        rf"^(?P<block>.+)\.{experts}\.(?P<index>\d+)\.(?P<proj>[^.]+)\.(?P<param>[^.]+)$"
-    )
-    fused_re = re.compile(
-        rf"^(?P<block>.+)\.{experts}\.(?P<name>\w*(gate_up|up|down|gate)_proj\w*)$"
-    )
-    packed = spec.packed_expert_names
-    packed_re = (
-        re.compile(
-            rf"^(?P<block>.+)\.{experts}\.(?P<index>\d+)\."
-            rf"(?P<proj>{'|'.join(map(re.escape, packed))})_(?P<param>\w+)$"
-        )
-        if packed
-        else None
-    )
-    router_re = re.compile(
-        rf"^(?P<block>.+)\.{re.escape(spec.router_attr)}\.(?P<param>[^.]+)$"
-    )
-    bias_re = (
-        re.compile(rf"^(?P<block>.+)\.{re.escape(spec.hub_bias)}$")
-        if spec.hub_bias
-        else None
-    )
+    patterns = _NamePatterns.of(spec)
     blocks: dict[str, MoEBlock] = {}
     unexpected: list[str] = []
     routers: list[tuple[str, str, StoredTensor]] = []
@@ -163,25 +182,38 @@ def find_blocks(
     for disk, shape in shapes.items():
         memory = _to_memory(disk, spec)
         tensor = StoredTensor(disk, shape)
-        if (packed_re and (match := packed_re.match(memory))) or (
-            match := expert_re.match(memory)
+        if (patterns.packed and (match := patterns.packed.match(memory))) or (
+            match := patterns.expert.match(memory)
         ):
             stored = disk[: disk.rindex(f".{spec.experts_attr}.{match['index']}.")]
             block = blocks.setdefault(match["block"], MoEBlock(stored))
             block.experts[int(match["index"])][match["proj"]][match["param"]] = tensor
-        elif match := fused_re.match(memory):
+        elif match := patterns.fused.match(memory):
             if match["name"] not in spec.fused_experts:
                 unexpected.append(disk)
                 continue
             stored = disk[: disk.rindex(f".{spec.experts_attr}.")]
             block = blocks.setdefault(match["block"], MoEBlock(stored))
             block.fused[match["name"]] = tensor
-        elif bias_re is not None and (match := bias_re.match(memory)):
+        elif patterns.bias is not None and (match := patterns.bias.match(memory)):
             biases.append((match["block"], tensor))
-        elif match := router_re.match(memory):
+        elif match := patterns.router.match(memory):
             routers.append((match["block"], match["param"], tensor))
         else:
             others.append((memory, tensor))
+    _attach_block_tensors(blocks, routers, biases, others, spec)
+    ordered = dict(sorted(blocks.items(), key=lambda kv: natural_key(kv[0])))
+    return ordered, unexpected
+
+
+def _attach_block_tensors(
+    blocks: dict[str, MoEBlock],
+    routers: list[tuple[str, str, StoredTensor]],
+    biases: list[tuple[str, StoredTensor]],
+    others: list[tuple[str, StoredTensor]],
+    spec: MoEArchSpec,
+) -> None:
+    """Give every block its router, bias, block parameters and shared gate."""
     # a router whose experts are all gone still marks an MoE block
     suffixes = {name.rsplit(".", 1)[-1] for name in blocks}
 
@@ -203,11 +235,9 @@ def find_blocks(
         if block_name in blocks:
             blocks[block_name].block_params[param] = tensor
         elif gate and block_name.endswith(f".{gate}"):
-            owner = blocks.get(block_name.removesuffix(f".{gate}"))
-            if owner is not None:
-                owner.gate_module = tensor.disk.rsplit(".", 1)[0]
-    ordered = dict(sorted(blocks.items(), key=lambda kv: natural_key(kv[0])))
-    return ordered, unexpected
+            parent = blocks.get(block_name.removesuffix(f".{gate}"))
+            if parent is not None:
+                parent.gate_module = tensor.disk.rsplit(".", 1)[0]
 
 
 def natural_key(name: str) -> list:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 from loguru import logger
@@ -69,6 +70,24 @@ def _required_params(group: dict[str, Any], fmt: str | None) -> tuple[str, ...]:
         return ("weight_scale",)
 
 
+@dataclass
+class _QuantConfig:
+    """The compressed-tensors ``quantization_config`` of a checkpoint."""
+
+    groups: dict[str, dict[str, Any]]
+    ignore: list[str]
+    format: str | None
+
+    def ignored(self, module: str) -> bool:
+        return any(_match(module, target) for target in self.ignore)
+
+    def group_format(self, name: str) -> str | None:
+        return self.groups[name].get("format") or self.format
+
+    def group_for(self, module: str) -> str | None:
+        return _group_for(self.groups, module, linear=True)
+
+
 def check_quantization(
     report: CheckReport,
     config: dict[str, Any],
@@ -98,111 +117,127 @@ def check_quantization(
     if qconfig.get("quant_method") != "compressed-tensors":
         logger.info(f"quant_method {qconfig.get('quant_method')!r}: not checked")
         return
-    groups: dict[str, dict[str, Any]] = qconfig.get("config_groups") or {}
-    ignore: list[str] = qconfig.get("ignore") or []
-    fmt = qconfig.get("format")
-    report.quantization_format = fmt
-
-    def ignored(module: str) -> bool:
-        return any(_match(module, target) for target in ignore)
-
-    def group_format(name: str) -> str | None:
-        return groups[name].get("format") or fmt
-
-    # routers and shared-expert gates: never quantized, routers always ignored
+    quant = _QuantConfig(
+        qconfig.get("config_groups") or {},
+        qconfig.get("ignore") or [],
+        qconfig.get("format"),
+    )
+    report.quantization_format = quant.format
     for block in blocks.values():
-        if not block.router:
-            continue
-        any_param = next(iter(block.router.values()))
-        router = any_param.disk[: any_param.disk.rindex(".")]
-        pattern = _router_pattern(spec, router)
-        for module in [router] + ([block.gate_module] if block.gate_module else []):
-            packed = sorted(modules[module] & QUANT_PARAMS)
-            if packed:
-                report.add(
-                    "quantized-router",
-                    f"{module}.{packed[0]}",
-                    f"router {module} is stored quantized ({', '.join(packed)}); "
-                    "quantized routers pick the wrong experts or load as zeros",
-                    _ROUTER_FIX.format(pattern=pattern),
-                )
-        if not ignored(router) and _group_for(groups, router, linear=True):
-            loaders = (
-                "compressed-tensors (transformers) and vLLM create"
-                if spec.router_quantizable_in_vllm
-                else "compressed-tensors (transformers' loader) creates"
-            )
-            report.add(
-                "router-not-ignored",
-                router,
-                f"router is not covered by quantization_config.ignore: {loaders} "
-                "a quantized layer for it (it is a Linear) that needs quantized "
-                "tensors",
-                f"add {router!r} (or {pattern!r}) to quantization_config.ignore and "
-                "keep the router unquantized",
-            )
-    # every quantized module carries its format's tensors and is not ignored
+        _check_router(report, quant, block, modules, spec)
     for module in quantized:
-        params = modules[module]
-        if ignored(module):
-            report.add(
-                "ignored-but-quantized",
-                module,
-                f"listed in quantization_config.ignore but stores "
-                f"{sorted(params & QUANT_PARAMS)}; vLLM loads it as unquantized",
-                "remove it from ignore, or store it unquantized (plain weight)",
-            )
-            continue
-        group = _group_for(groups, module, linear=True)
-        if group is None:
-            continue
-        required = _required_params(groups[group], group_format(group))
-        missing = [p for p in required if p not in params]
-        if missing:
-            report.add(
-                "incomplete-quantized-tensors",
-                module,
-                f"quantized as {group_format(group)} by config_groups.{group} but "
-                f"lacks {missing} (has {sorted(params)})",
-                "save again from the quantized model; the quantization_config must "
-                "describe the tensors actually stored",
-            )
-    # experts the config says are quantized must be stored quantized
+        _check_quantized_module(report, quant, module, modules[module])
     for block in blocks.values():
-        if block.fused:
-            # compressed-tensors names (and vLLM matches) experts per expert
-            module = f"{block.name}.{spec.experts_attr}.0.{spec.hub_projections[0]}"
-            group = None if ignored(module) else _group_for(groups, module, True)
-            if group is not None:
-                report.add(
-                    "unquantized-experts",
-                    block.name,
-                    f"fused expert tensors ({', '.join(sorted(block.fused))}) are "
-                    f"stored unquantized, but config_groups.{group} "
-                    f"({group_format(group)}) targets the experts; vLLM would "
-                    "look for per-expert quantized tensors",
-                    "quantize the experts (they are saved per expert then) or "
-                    "list them in quantization_config.ignore",
-                )
-            continue
-        plain = []
-        for projections in block.experts.values():
-            for params in projections.values():
-                tensor = next(iter(params.values()))
-                module = tensor.disk[: tensor.disk.rindex(".")]
-                if params.keys() & QUANT_PARAMS or ignored(module):
-                    continue
-                group = _group_for(groups, module, linear=True)
-                if group is not None:
-                    plain.append((module, group))
-        if plain:
-            module, group = plain[0]
+        _check_experts_quantized(report, quant, block, spec)
+
+
+def _check_router(
+    report: CheckReport,
+    quant: _QuantConfig,
+    block: MoEBlock,
+    modules: dict[str, set[str]],
+    spec: MoEArchSpec,
+) -> None:
+    """Routers and shared-expert gates: never quantized, routers always ignored."""
+    if not block.router:
+        return
+    any_param = next(iter(block.router.values()))
+    router = any_param.disk[: any_param.disk.rindex(".")]
+    pattern = _router_pattern(spec, router)
+    for module in [router] + ([block.gate_module] if block.gate_module else []):
+        packed = sorted(modules[module] & QUANT_PARAMS)
+        if packed:
+            report.add(
+                "quantized-router",
+                f"{module}.{packed[0]}",
+                f"router {module} is stored quantized ({', '.join(packed)}); "
+                "quantized routers pick the wrong experts or load as zeros",
+                _ROUTER_FIX.format(pattern=pattern),
+            )
+    if not quant.ignored(router) and quant.group_for(router):
+        loaders = (
+            "compressed-tensors (transformers) and vLLM create"
+            if spec.router_quantizable_in_vllm
+            else "compressed-tensors (transformers' loader) creates"
+        )
+        report.add(
+            "router-not-ignored",
+            router,
+            f"router is not covered by quantization_config.ignore: {loaders} "
+            "a quantized layer for it (it is a Linear) that needs quantized "
+            "tensors",
+            f"add {router!r} (or {pattern!r}) to quantization_config.ignore and "
+            "keep the router unquantized",
+        )
+
+
+def _check_quantized_module(
+    report: CheckReport, quant: _QuantConfig, module: str, params: set[str]
+) -> None:
+    """A quantized module carries its format's tensors and is not ignored."""
+    if quant.ignored(module):
+        report.add(
+            "ignored-but-quantized",
+            module,
+            f"listed in quantization_config.ignore but stores "
+            f"{sorted(params & QUANT_PARAMS)}; vLLM loads it as unquantized",
+            "remove it from ignore, or store it unquantized (plain weight)",
+        )
+        return
+    group = quant.group_for(module)
+    if group is None:
+        return
+    required = _required_params(quant.groups[group], quant.group_format(group))
+    missing = [p for p in required if p not in params]
+    if missing:
+        report.add(
+            "incomplete-quantized-tensors",
+            module,
+            f"quantized as {quant.group_format(group)} by config_groups.{group} but "
+            f"lacks {missing} (has {sorted(params)})",
+            "save again from the quantized model; the quantization_config must "
+            "describe the tensors actually stored",
+        )
+
+
+def _check_experts_quantized(
+    report: CheckReport, quant: _QuantConfig, block: MoEBlock, spec: MoEArchSpec
+) -> None:
+    """Experts the config says are quantized must be stored quantized."""
+    if block.fused:
+        # compressed-tensors names (and vLLM matches) experts per expert
+        module = f"{block.name}.{spec.experts_attr}.0.{spec.hub_projections[0]}"
+        group = None if quant.ignored(module) else quant.group_for(module)
+        if group is not None:
             report.add(
                 "unquantized-experts",
                 block.name,
-                f"{len(plain)} expert projections (e.g. {module}) are targeted by "
-                f"config_groups.{group} ({group_format(group)}) but stored "
-                "unquantized; vLLM would look for quantized tensors",
-                "quantize every expert (moe_calibrate_all_experts=True) or list the "
-                "unquantized ones in quantization_config.ignore",
+                f"fused expert tensors ({', '.join(sorted(block.fused))}) are "
+                f"stored unquantized, but config_groups.{group} "
+                f"({quant.group_format(group)}) targets the experts; vLLM would "
+                "look for per-expert quantized tensors",
+                "quantize the experts (they are saved per expert then) or "
+                "list them in quantization_config.ignore",
             )
+        return
+    plain = []
+    for projections in block.experts.values():
+        for params in projections.values():
+            tensor = next(iter(params.values()))
+            module = tensor.disk[: tensor.disk.rindex(".")]
+            if params.keys() & QUANT_PARAMS or quant.ignored(module):
+                continue
+            group = quant.group_for(module)
+            if group is not None:
+                plain.append((module, group))
+    if plain:
+        module, group = plain[0]
+        report.add(
+            "unquantized-experts",
+            block.name,
+            f"{len(plain)} expert projections (e.g. {module}) are targeted by "
+            f"config_groups.{group} ({quant.group_format(group)}) but stored "
+            "unquantized; vLLM would look for quantized tensors",
+            "quantize every expert (moe_calibrate_all_experts=True) or list the "
+            "unquantized ones in quantization_config.ignore",
+        )

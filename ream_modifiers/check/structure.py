@@ -7,14 +7,15 @@ divisibility and reachable top-k.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 from ream_modifiers.check.layout import QUANT_PARAMS, MoEBlock, StoredTensor
 from ream_modifiers.check.report import CheckReport
-from ream_modifiers.moe.architectures import MoEArchSpec
-from ream_modifiers.moe.packed_names import PACKED_PARAMS
+from ream_modifiers.moe.architectures import PACKED_PARAMS, MoEArchSpec
 
 __all__ = [
+    "ConfigKeys",
     "check_complete",
     "check_config_counts",
     "check_fused",
@@ -298,6 +299,33 @@ def check_router(
             f"router has {weight.shape[0]} rows but the layer stores {n} experts",
             fix,
         )
+    _check_correction_bias(report, block, spec, text)
+    for bias in (block.router.get("bias"), block.bias):
+        if bias is None:
+            continue
+        if not bias.shape or bias.shape[-1] != n:
+            entries = bias.shape[-1] if bias.shape else 0
+            report.add(
+                "router-shape",
+                bias.disk,
+                f"has {entries} entries but the layer stores {n} experts",
+                fix,
+            )
+        elif bias is block.bias and bias.shape[:-1] != spec.bias_leading_dims:
+            expected = [*spec.bias_leading_dims, n]
+            report.add(
+                "router-shape",
+                bias.disk,
+                f"has shape {list(bias.shape)}; {spec.model_type} stores it as "
+                f"{expected}",
+                "save the checkpoint again with transformers' save_pretrained",
+            )
+
+
+def _check_correction_bias(
+    report: CheckReport, block: MoEBlock, spec: MoEArchSpec, text: dict[str, Any]
+) -> None:
+    """The score-correction bias is stored exactly where vLLM creates one."""
     if block.bias is None and spec.bias_required(text.get):
         if spec.bias_required_when is None:
             why = f"vLLM always creates and loads {spec.model_type}'s"
@@ -323,35 +351,23 @@ def check_router(
             f"set {key}={value!r} in config.json if the model routes with the bias, "
             "or drop the tensor",
         )
-    for bias in (block.router.get("bias"), block.bias):
-        if bias is None:
-            continue
-        if not bias.shape or bias.shape[-1] != n:
-            entries = bias.shape[-1] if bias.shape else 0
-            report.add(
-                "router-shape",
-                bias.disk,
-                f"has {entries} entries but the layer stores {n} experts",
-                fix,
-            )
-        elif bias is block.bias and bias.shape[:-1] != spec.bias_leading_dims:
-            expected = [*spec.bias_leading_dims, n]
-            report.add(
-                "router-shape",
-                bias.disk,
-                f"has shape {list(bias.shape)}; {spec.model_type} stores it as "
-                f"{expected}",
-                "save the checkpoint again with transformers' save_pretrained",
-            )
 
 
-def check_config_counts(
-    report: CheckReport,
-    spec: MoEArchSpec,
-    text: dict[str, Any],
-    prefix: str,
-    count: int,
-) -> None:
+@dataclass
+class ConfigKeys:
+    """Where a family's routing keys are read in ``config.json``.
+
+    :param text: the (text) config's keys
+    :param prefix: how the report names them (``text_config.`` for VL wrappers)
+    """
+
+    spec: MoEArchSpec
+    text: dict[str, Any]
+    prefix: str
+
+
+def check_config_counts(report: CheckReport, config: ConfigKeys, count: int) -> None:
+    spec, text, prefix = config.spec, config.text, config.prefix
     keys = spec.num_experts_keys
     present = {key: text[key] for key in keys if key in text}
     if not present:
@@ -373,13 +389,8 @@ def check_config_counts(
             )
 
 
-def check_routing(
-    report: CheckReport,
-    spec: MoEArchSpec,
-    text: dict[str, Any],
-    prefix: str,
-    count: int,
-) -> None:
+def check_routing(report: CheckReport, config: ConfigKeys, count: int) -> None:
+    spec, text, prefix = config.spec, config.text, config.prefix
     top_k = text.get(spec.top_k_key)
     n_group, topk_group = spec.groups(text.get, as_vllm=True)
     budget_fix = (

@@ -15,7 +15,11 @@ from pathlib import Path
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from ream_modifiers.errors import InputError, looks_local
+
 __all__ = [
+    "CalibrationDataError",
+    "check_calibration_source",
     "bundled_texts",
     "math_texts",
     "read_local_texts",
@@ -25,6 +29,16 @@ __all__ = [
     "rows_dataset",
     "build_calibration_dataset",
 ]
+
+_SUFFIXES = (".txt", ".jsonl")
+_FORMAT = (
+    "a .txt file (blank-line separated paragraphs), a .jsonl file (one "
+    '{"text": ...} object a line) or a folder of them'
+)
+
+
+class CalibrationDataError(InputError):
+    """Calibration data that cannot give a single calibration row."""
 
 
 def _bundled(name: str) -> str:
@@ -79,25 +93,53 @@ def read_local_texts(path: str | Path, text_field: str = "text") -> list[str]:
     """
     path = Path(path)
     files = (
-        sorted(p for p in path.rglob("*") if p.suffix in {".txt", ".jsonl"})
+        sorted(p for p in path.rglob("*") if p.suffix in _SUFFIXES)
         if path.is_dir()
         else [path]
     )
     if not files:
-        raise ValueError(f"no .txt or .jsonl calibration files under {path}")
+        raise CalibrationDataError(
+            f"calibration folder {path} has no .txt or .jsonl files", f"give {_FORMAT}"
+        )
     texts: list[str] = []
     for file in files:
         if file.suffix == ".jsonl":
-            for number, line in enumerate(file.read_text().splitlines(), start=1):
+            for number, line in enumerate(_read(file).splitlines(), start=1):
                 if line.strip():
-                    texts.append(
-                        _record_text(json.loads(line), text_field, file, number)
-                    )
+                    record = _parse(line, file, number)
+                    texts.append(_record_text(record, text_field, file, number))
         elif file.suffix == ".txt":
-            texts.extend(p.strip() for p in file.read_text().split("\n\n") if p.strip())
+            texts.extend(p.strip() for p in _read(file).split("\n\n") if p.strip())
         else:
-            raise ValueError(f"{file}: calibration files must be .txt or .jsonl")
+            raise CalibrationDataError(
+                f"calibration file {file} is neither .txt nor .jsonl", f"give {_FORMAT}"
+            )
     return texts
+
+
+def _read(file: Path) -> str:
+    try:
+        return file.read_text()
+    except UnicodeDecodeError:
+        raise CalibrationDataError(
+            f"calibration file {file} is not UTF-8 text", f"give {_FORMAT}"
+        ) from None
+
+
+def _parse(line: str, file: Path, number: int) -> dict:
+    try:
+        record = json.loads(line)
+    except ValueError as error:
+        raise CalibrationDataError(
+            f"{file}:{number} is not valid JSON: {error}",
+            'write one JSON object a line, e.g. {"text": "..."}',
+        ) from None
+    if not isinstance(record, dict):
+        raise CalibrationDataError(
+            f"{file}:{number} is a JSON {type(record).__name__}, not an object",
+            'write one JSON object a line, e.g. {"text": "..."}',
+        )
+    return record
 
 
 def _record_text(record: dict, text_field: str, file: Path, number: int) -> str:
@@ -106,9 +148,11 @@ def _record_text(record: dict, text_field: str, file: Path, number: int) -> str:
         return "\n".join(str(m.get("content", "")) for m in value)
     if value is not None:
         return str(value)
-    raise ValueError(
-        f"{file}:{number}: record has no {text_field!r} field and no 'messages' list; "
-        "pass --text-field to name the text column"
+    fields = ", ".join(map(str, record)) or "none"
+    raise CalibrationDataError(
+        f"{file}:{number}: record has no {text_field!r} field and no 'messages' list "
+        f"(its fields: {fields})",
+        "pass --text-field to name the text column",
     )
 
 
@@ -133,9 +177,46 @@ def load_texts(source: str, num_samples: int, text_field: str = "text") -> list[
         texts = read_local_texts(source, text_field)
     else:
         texts = _hf_texts(source, num_samples, text_field)
-    if not texts:
-        raise ValueError(f"calibration source {source!r} holds no text")
+    if not any(text.strip() for text in texts):
+        local = Path(source).exists()
+        jsonl = Path(source).is_dir() or source.endswith(".jsonl")
+        field = f" (no non-empty {text_field!r} field)" if jsonl else ""
+        raise CalibrationDataError(
+            f"calibration source {source!r} holds no text{field}",
+            f"give {_FORMAT}" if local else "give a dataset with text in it",
+        )
     return texts
+
+
+def check_calibration_source(source: str, text_field: str = "text") -> None:
+    """
+    Refuse, before a model is loaded, a calibration source that cannot give a
+    row: an unknown bundled domain, a local path that does not exist, or a local
+    file or folder without text. A local source is read in full, as the run
+    will read it; a Hugging Face dataset is left to the download.
+
+    :param source: ``--dataset`` (see :func:`load_texts`)
+    :param text_field: the JSONL field holding the text
+    :raises CalibrationDataError: naming the file (and line, and field)
+    """
+    if source == "bundled" or source.startswith("bundled:"):
+        domain = source.partition(":")[2] or "mix"
+        try:
+            bundled_texts(domain)
+        except ValueError as error:
+            raise CalibrationDataError(
+                f"--dataset {source}: {error}",
+                "use bundled, or bundled:general, bundled:code or bundled:math",
+            ) from None
+        return
+    if not Path(source).exists():
+        if looks_local(source) or source.endswith(_SUFFIXES):
+            raise CalibrationDataError(
+                f"calibration file {source} does not exist",
+                "check the path, or give bundled or a Hugging Face dataset ID",
+            )
+        return
+    load_texts(source, 0, text_field)
 
 
 def _hf_texts(source: str, num_samples: int, text_field: str) -> list[str]:

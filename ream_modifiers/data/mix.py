@@ -21,14 +21,23 @@ from transformers import PreTrainedTokenizerBase
 
 from ream_modifiers.data.calibration import (
     HF_DATASETS,
+    CalibrationDataError,
     bundled_texts,
+    check_calibration_source,
     pack_rows,
     read_local_texts,
     rows_dataset,
     stream_hub_texts,
 )
 
-__all__ = ["MixSource", "MixReport", "SOURCES", "parse_mix", "build_mix"]
+__all__ = [
+    "MixSource",
+    "MixReport",
+    "SOURCES",
+    "parse_mix",
+    "check_mix",
+    "build_mix",
+]
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,41 @@ def parse_mix(spec: str) -> dict[str, float]:
             raise ValueError(f"mix entry {part!r} is not name=ratio")
         ratios[name.strip()] = float(value)
     return _normalised(ratios)
+
+
+def check_mix(spec: str, sources: Mapping[str, str | Path] | None = None) -> None:
+    """
+    Refuse, before a model is loaded, a mix that :func:`build_mix` would fail
+    on: bad syntax or ratios, a source with no default and no local path, or a
+    local source without text (read in full; Hugging Face sets are left to the
+    download).
+
+    :param spec: ``--mix``, e.g. ``"general=0.2,math=0.3,code=0.5"``
+    :param sources: ``--mix-source`` replacements, per source
+    :raises CalibrationDataError: naming the entry, source or file
+    """
+    sources = dict(sources or {})
+    try:
+        ratios = parse_mix(spec)
+    except ValueError as error:
+        raise CalibrationDataError(
+            f"--mix {spec!r}: {error}",
+            "give name=ratio pairs separated by commas, e.g. "
+            "general=0.2,math=0.3,code=0.5",
+        ) from None
+    for name, ratio in ratios.items():
+        if ratio > 0 and name not in SOURCES and name not in sources:
+            raise CalibrationDataError(
+                f"--mix {spec!r}: unknown calibration source {name!r}",
+                f"name one of {', '.join(sorted(SOURCES))}, or give it a local path "
+                f"with --mix-source {name}=PATH",
+            )
+    for name, source in sources.items():
+        # build_mix reads a bundled domain named after the source by default
+        source = str(source)
+        if source == "bundled":
+            source = f"bundled:{name}"
+        check_calibration_source(source)
 
 
 def _normalised(ratios: Mapping[str, float]) -> dict[str, float]:

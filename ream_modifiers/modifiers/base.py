@@ -1,11 +1,15 @@
 """
 The lifecycle shared by every expert-reduction modifier.
 
-A concrete modifier says which statistics it needs per layer and how it decides
-which experts survive (:meth:`ExpertReductionModifier.decide`); this base class
-does the rest: fail-fast validation, hook management, distributed reduction,
-structural edits at the layer's ``SEQUENTIAL_EPOCH_END``, config sync, router
-protection for later quantization, and the per-layer report.
+A concrete modifier declares the statistics it needs per layer as a typed
+:class:`~ream_modifiers.observe.statistics.LayerStatistics`, decides which experts
+survive (:meth:`ExpertReductionModifier.decide`) and, if it does more than prune,
+reads (:meth:`~ExpertReductionModifier.read`) and writes
+(:meth:`~ExpertReductionModifier.write`) the layer. This base class does the
+rest: fail-fast validation, hook management, distributed reduction, the barrier
+between every rank's reads and any rank's writes, structural edits at the
+layer's ``SEQUENTIAL_EPOCH_END``, config sync, router protection for later
+quantization, and the per-layer report.
 """
 
 from __future__ import annotations
@@ -30,15 +34,16 @@ from ream_modifiers.distributed import (
     is_distributed,
     is_source_process,
 )
-from ream_modifiers.methods.selection import ExpertBudget, plan_budget
+from ream_modifiers.engines.selection import ExpertBudget, plan_budget
 from ream_modifiers.modifiers.sequential import check_sequential_targets
 from ream_modifiers.moe.edit import expert_count_values, keep_experts, sync_config
 from ream_modifiers.moe.layer import MoELayer, find_moe_layers
 from ream_modifiers.moe.load import ensure_hub_save_names
 from ream_modifiers.observe.collector import LayerStatsCollector
 from ream_modifiers.observe.padding import padding_masks_from_dataloader
-from ream_modifiers.observe.statistics import Statistic
+from ream_modifiers.observe.statistics import LayerStatistics
 from ream_modifiers.observe.token_keys import TokenKeyRecorder
+from ream_modifiers.registry import Kind
 from ream_modifiers.saving import install_save_hook, record_for_save
 
 __all__ = ["ExpertReductionModifier", "LayerDecision"]
@@ -75,12 +80,19 @@ class ExpertReductionModifier(Modifier):
     report_path: str | None = None
     protect_routers: bool = True
 
-    method: ClassVar[str] = ""
-    paper: ClassVar[str] = ""
+    method: ClassVar[str] = ""  # display name, as reports write it
+    paper: ClassVar[str] = ""  # the paper's URL
+    paper_title: ClassVar[str] = ""
+    # prune: experts removed; merge: groups averaged into one expert;
+    # recombine: removed experts' neurons folded into kept ones
+    kind: ClassVar[Kind] = "prune"
 
     _layers: list[MoELayer] = PrivateAttr(default_factory=list)
     _budget: ExpertBudget | None = PrivateAttr(default=None)
-    _collectors: dict[str, LayerStatsCollector] = PrivateAttr(default_factory=dict)
+    # per layer: the collector feeding the method's typed statistics, and them
+    _collectors: dict[str, tuple[LayerStatsCollector, LayerStatistics]] = PrivateAttr(
+        default_factory=dict
+    )
     _done: set[str] = PrivateAttr(default_factory=set)
     _report: dict[str, Any] = PrivateAttr(default_factory=dict)
     _group: Any = PrivateAttr(default=None)
@@ -124,19 +136,51 @@ class ExpertReductionModifier(Modifier):
 
     # -- what subclasses provide -----------------------------------------------
 
-    def statistics(self, layer: MoELayer) -> list[Statistic]:
-        """Statistics to collect for ``layer`` (none for data-free methods)."""
-        return []
+    def statistics(self, layer: MoELayer) -> LayerStatistics | None:
+        """
+        The statistics to collect for ``layer``, as the method's own typed
+        :class:`LayerStatistics` (None for data-free methods). :meth:`decide`
+        receives the same object, reduced across ranks.
+        """
+        return None
 
     @abstractmethod
-    def decide(
-        self, layer: MoELayer, collector: LayerStatsCollector | None
-    ) -> LayerDecision:
+    def decide(self, layer: MoELayer, stats: LayerStatistics | None) -> LayerDecision:
         """Choose the experts of ``layer`` that survive (runs on the source rank)."""
 
-    def apply(self, layer: MoELayer, decision: LayerDecision) -> None:
-        """Edit ``layer`` in place; pruning keeps the chosen experts."""
+    def read(self, layer: MoELayer, decision: LayerDecision) -> Any:
+        """
+        Copy what :meth:`write` needs from ``layer`` (every rank, before any rank
+        writes); pruning needs nothing.
+        """
+        return None
+
+    def write(self, layer: MoELayer, decision: LayerDecision, read: Any) -> None:
+        """
+        Edit ``layer`` in place from what :meth:`read` returned, never reading the
+        layer's weights again; pruning keeps the chosen experts.
+        """
         keep_experts(layer, decision.kept)
+
+    def apply(self, layer: MoELayer, decision: LayerDecision) -> None:
+        """
+        Carry out ``decision``: :meth:`read`, a barrier across ranks, then
+        :meth:`write`. Under torchrun the offloaded weights may live in CPU memory
+        shared by all ranks, so no rank may write before every rank has read.
+        Subclasses override ``read`` and ``write``, never this.
+        """
+        snapshot = self.read(layer, decision)
+        self._sync_ranks()
+        self.write(layer, decision, snapshot)
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        if "apply" in cls.__dict__:
+            raise TypeError(
+                f"{cls.__name__} overrides apply(); override read() (copies, before "
+                "the barrier across ranks) and write() (edits, after it) instead"
+            )
 
     def validate_model(self, state: State, layers: list[MoELayer]) -> None:
         """Extra method-specific checks before calibration (raise ValueError)."""
@@ -213,16 +257,17 @@ class ExpertReductionModifier(Modifier):
         )
         recorder = None
         for layer in self._layers:
-            statistics = self.statistics(layer)
-            if not statistics:
+            stats = self.statistics(layer)
+            if stats is None:
                 continue
+            statistics = stats.collected()
             if recorder is None and any(s.needs_token_keys for s in statistics):
                 # token samples are chosen by content, not by batch or rank
                 recorder = TokenKeyRecorder(masks)
                 recorder.attach(state.model.get_input_embeddings(), self.register_hook)
             collector = LayerStatsCollector(layer, statistics, masks, recorder)
             collector.attach(self.register_hook)
-            self._collectors[layer.name] = collector
+            self._collectors[layer.name] = (collector, stats)
 
     def on_sequential_epoch_end(self, state: State, event: Event, **kwargs):
         modules = kwargs.get("modules")
@@ -280,7 +325,7 @@ class ExpertReductionModifier(Modifier):
 
     def _reduce_layer(self, layer: MoELayer) -> None:
         start = time.perf_counter()
-        collector = self._collectors.get(layer.name)
+        collector, stats = self._collectors.get(layer.name, (None, None))
         if collector is not None:
             if self._group is not None:
                 collector.reduce_to_source(self._group)
@@ -288,15 +333,14 @@ class ExpertReductionModifier(Modifier):
                 raise RuntimeError(
                     f"{self.method}: {layer.name} received no calibration batch"
                 )
-        decision = self.decide(layer, collector) if is_source_process() else None
+        decision = self.decide(layer, stats) if is_source_process() else None
         if self._group is not None:
             # every rank applies the source's decision, so all edit identically
             decision = broadcast_from_source(decision, self._group)
         decided = time.perf_counter()
         before = layer.num_experts
         self.apply(layer, decision)
-        # under torchrun the offloaded weights may live in memory shared by all
-        # ranks: no rank runs the layer again until every rank's writes landed
+        # no rank runs the layer again until every rank's writes landed
         self._sync_ranks()
         applied = time.perf_counter()
         seconds = applied - start
@@ -328,10 +372,9 @@ class ExpertReductionModifier(Modifier):
 
     def _sync_ranks(self) -> None:
         """
-        A barrier across ranks (a no-op in one process). ``apply`` calls it once
-        it has read every weight it needs and before its first in-place write:
-        compressed-tensors shares offloaded CPU weights between ranks, so a write
-        must never overtake another rank's read of the same storage.
+        A barrier across ranks (a no-op in one process): compressed-tensors
+        shares offloaded CPU weights between ranks, so a write must never
+        overtake another rank's read of the same storage.
         """
         if self._group is not None:
             dist.barrier(group=self._group)

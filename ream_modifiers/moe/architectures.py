@@ -11,18 +11,29 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from importlib import resources
+from typing import TYPE_CHECKING, Any, Literal
 
+import yaml
 from loguru import logger
-from transformers import PretrainedConfig
+
+if TYPE_CHECKING:  # the checker imports this table without transformers
+    from transformers import PretrainedConfig
 
 __all__ = [
     "ARCHITECTURES",
+    "LOADED_AS",
+    "PACKED_PARAMS",
     "MoEArchSpec",
     "get_arch_spec",
     "detect_spec",
     "text_config",
 ]
+
+# what vLLM's loader reads per quantized expert of a family with
+# ``packed_expert_names`` (the gate/up pair interleaved row by row, down renamed);
+# anything else cannot be served
+PACKED_PARAMS = ("weight_packed", "weight_scale", "bias")
 
 Scoring = Literal["softmax", "sigmoid"]
 GroupScore = Literal["top2_sum", "max"]
@@ -197,155 +208,36 @@ class MoEArchSpec:
         return n_group, topk_group
 
 
-def _ignore(*patterns: str) -> tuple[str, ...]:
-    return _BASE_IGNORE + patterns
+def _as_tuples(value: Any) -> Any:
+    """YAML lists as the tuples the frozen spec holds (hashable, immutable)."""
+    if isinstance(value, list):
+        return tuple(_as_tuples(item) for item in value)
+    return value
 
 
-_QWEN_IGNORE = _ignore("re:.*mlp.gate$", "re:.*mlp.shared_expert_gate$")
-_GATE_IGNORE = _ignore("re:.*mlp.gate$")
+def _load_table() -> tuple[dict[str, MoEArchSpec], dict[str, str]]:
+    """The rows of ``architectures.yaml``, and its ``loaded_as`` model types."""
+    text = resources.files(__package__).joinpath(TABLE_FILENAME).read_text()
+    table: dict[str, MoEArchSpec] = {}
+    loaded_as: dict[str, str] = {}
+    for model_type, row in yaml.safe_load(text).items():
+        fields = {key: _as_tuples(value) for key, value in row.items()}
+        same_as = fields.pop("same_as", None)
+        if "loaded_as" in fields:
+            loaded_as[model_type] = fields.pop("loaded_as")
+        if "quantization_ignore" in fields:
+            fields["quantization_ignore"] = _BASE_IGNORE + fields["quantization_ignore"]
+        if same_as is None:
+            table[model_type] = MoEArchSpec(model_type=model_type, **fields)
+        else:
+            table[model_type] = replace(table[same_as], model_type=model_type, **fields)
+    return table, loaded_as
 
-_W123 = ("w1", "w3", "w2")
-_W123_RENAMES = (
-    (r"\.block_sparse_moe\.", ".mlp."),
-    (r"\.experts\.(\d+)\.w1\.", r".experts.\1.gate_proj."),
-    (r"\.experts\.(\d+)\.w2\.", r".experts.\1.down_proj."),
-    (r"\.experts\.(\d+)\.w3\.", r".experts.\1.up_proj."),
-)
 
-_ROWS = [
-    MoEArchSpec(
-        model_type="qwen3_moe",
-        # transformers 5 serialises `num_local_experts`; vLLM and older readers
-        # look for `num_experts`, so both are written
-        num_experts_keys=("num_experts", "num_local_experts"),
-        renormalize_key="norm_topk_prob",
-        quantization_ignore=_QWEN_IGNORE,
-        # vLLM's qwen3_moe.py builds the gate with the quant_config
-        router_quantizable_in_vllm=True,
-    ),
-    MoEArchSpec(
-        model_type="qwen2_moe",
-        num_experts_keys=("num_experts",),
-        renormalize_key="norm_topk_prob",
-        shared_expert_attrs=("shared_expert",),
-        shared_expert_gate_attr="shared_expert_gate",
-        quantization_ignore=_QWEN_IGNORE,
-    ),
-    MoEArchSpec(
-        model_type="mixtral",
-        num_experts_keys=("num_local_experts",),
-        intermediate_size_key="intermediate_size",
-        quantization_ignore=_ignore("re:.*mlp.gate$", "re:.*block_sparse_moe.gate$"),
-        linear_save_renames=_W123_RENAMES,
-        hub_block_attr="block_sparse_moe",
-        hub_projections=_W123,
-    ),
-    MoEArchSpec(
-        model_type="olmoe",
-        num_experts_keys=("num_experts",),
-        intermediate_size_key="intermediate_size",
-        renormalize_key="norm_topk_prob",
-        quantization_ignore=_GATE_IGNORE,
-    ),
-    MoEArchSpec(
-        model_type="deepseek_v2",
-        num_experts_keys=("n_routed_experts",),
-        renormalize=False,
-        n_group_key="n_group",
-        topk_group_key="topk_group",
-        grouped_when=("topk_method", "group_limited_greedy"),
-        group_score="max",
-        scaling_factor_key="routed_scaling_factor",
-        shared_expert_attrs=("shared_experts",),
-        quantization_ignore=_GATE_IGNORE,
-    ),
-    MoEArchSpec(
-        model_type="deepseek_v3",
-        num_experts_keys=("n_routed_experts",),
-        scoring="sigmoid",
-        renormalize_key="norm_topk_prob",
-        n_group_key="n_group",
-        topk_group_key="topk_group",
-        scaling_factor_key="routed_scaling_factor",
-        bias_attr="e_score_correction_bias",
-        bias_location="router",
-        # vLLM's deepseek_v2.py creates the bias only for noaux_tc
-        bias_required_when=("topk_method", "noaux_tc"),
-        shared_expert_attrs=("shared_experts",),
-        quantization_ignore=_GATE_IGNORE,
-    ),
-    MoEArchSpec(
-        model_type="ernie4_5_moe",
-        # serialised as `moe_num_experts`; `num_experts` is the class alias
-        num_experts_keys=("moe_num_experts",),
-        top_k_key="moe_k",
-        # softmax scores + bias choose; weights are renormalised (clamped sum)
-        bias_attr="moe_statics.e_score_correction_bias",
-        bias_location="router",
-        # the hub (and transformers' save) keeps `moe_statics` on the block
-        hub_bias_path="moe_statics.e_score_correction_bias",
-        bias_leading_dims=(1,),
-        shared_expert_attrs=("shared_experts",),
-        quantization_ignore=_GATE_IGNORE,
-    ),
-    MoEArchSpec(
-        model_type="minimax_m2",
-        num_experts_keys=("num_local_experts",),
-        intermediate_size_key="intermediate_size",
-        scoring="sigmoid",
-        bias_attr="e_score_correction_bias",
-        bias_location="block",
-        bias_required_when=("use_routing_bias", True),
-        quantization_ignore=_ignore("re:.*mlp.gate$", "re:.*block_sparse_moe.gate$"),
-        linear_save_renames=_W123_RENAMES,
-        hub_block_attr="block_sparse_moe",
-        hub_projections=_W123,
-    ),
-    MoEArchSpec(
-        model_type="hunyuan_v1_moe",
-        num_experts_keys=("num_experts",),
-        top_k_key="moe_topk",
-        # the router weight lives in an nn.Linear that GPTQ would quantize
-        router_attr="gate.wg",
-        # vLLM's Transformers backend swaps gate.wg for a quantizable linear
-        router_quantizable_in_vllm=True,
-        shared_expert_attrs=("shared_mlp",),
-        quantization_ignore=_ignore("re:.*mlp.gate$", "re:.*mlp.gate.wg$"),
-    ),
-    MoEArchSpec(
-        model_type="gpt_oss",
-        num_experts_keys=("num_local_experts",),
-        intermediate_size_key="intermediate_size",
-        # top-k on biased logits, softmax over the k = renormalised softmax
-        router_attr="router",
-        quantization_ignore=_ignore("re:.*mlp.router$"),
-        # hub layout, which vLLM loads unquantized: transposed, gate/up
-        # interleaved along the last dim, with biases
-        fused_experts=(
-            "gate_up_proj",
-            "gate_up_proj_bias",
-            "down_proj",
-            "down_proj_bias",
-        ),
-        # vLLM's models/gpt_oss.py _GPT_OSS_STREAMED_EXPERT_SUFFIX_TO_SHARD
-        packed_expert_names=("w13", "w2"),
-    ),
-]
-
-ARCHITECTURES: dict[str, MoEArchSpec] = {row.model_type: row for row in _ROWS}
-# Same layout and routing as an existing row under another name, with the
-# fields that differ.
-_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
-    "qwen3_next": ("qwen2_moe", {}),
-    # vLLM's glm4_moe.py always creates the correction bias
-    "glm4_moe": ("deepseek_v3", {"bias_required_when": None}),
-    # vLLM 0.32 serves dots1 through its Transformers backend, whose router
-    # always has the correction bias (transformers' modeling_dots1.py)
-    "dots1": ("deepseek_v3", {"bias_required_when": None}),
-    "kimi_k2": ("deepseek_v3", {}),
-}
-for _alias, (_row, _fields) in _ALIASES.items():
-    ARCHITECTURES[_alias] = replace(ARCHITECTURES[_row], model_type=_alias, **_fields)
+TABLE_FILENAME = "architectures.yaml"
+# routers of a family not in the table: every name its kind uses
+_DETECTED_IGNORE = _BASE_IGNORE + ("re:.*mlp.gate$", "re:.*mlp.shared_expert_gate$")
+ARCHITECTURES, LOADED_AS = _load_table()
 
 
 def text_config(config: PretrainedConfig) -> PretrainedConfig:
@@ -392,7 +284,7 @@ def detect_spec(config: PretrainedConfig) -> MoEArchSpec:
             f"Model type {config.model_type!r} is not an MoE model this package "
             f"understands: its config has no expert count ({', '.join(_COUNT_KEYS)}) "
             f"or no top-k ({', '.join(_TOP_K_KEYS)}). If it is an MoE model, add a "
-            "row for it to ream_modifiers.moe.architectures.ARCHITECTURES."
+            "row for it to ream_modifiers/moe/architectures.yaml."
         )
     has_groups = isinstance(_raw(config, "n_group"), int)
     sigmoid = getattr(config, "scoring_func", "softmax") == "sigmoid"
@@ -414,7 +306,7 @@ def detect_spec(config: PretrainedConfig) -> MoEArchSpec:
         bias_required_when=("topk_method", "noaux_tc"),
         shared_expert_attrs=("shared_expert", "shared_experts"),
         shared_expert_gate_attr="shared_expert_gate",
-        quantization_ignore=_QWEN_IGNORE,
+        quantization_ignore=_DETECTED_IGNORE,
         # unknown family: assume vLLM may quantize the router (the safe side)
         router_quantizable_in_vllm=True,
     )
@@ -422,7 +314,7 @@ def detect_spec(config: PretrainedConfig) -> MoEArchSpec:
         f"No architecture row for model_type={config.model_type!r}; detected "
         f"expert count key(s) {count_keys}, top-k key {top_k_key!r}, "
         f"scoring={spec.scoring}. Check the result, and consider adding a row to "
-        "ream_modifiers.moe.architectures.ARCHITECTURES."
+        "ream_modifiers/moe/architectures.yaml."
     )
     return spec
 

@@ -40,7 +40,7 @@ __all__ = [
     "fused_save_conversions",
     "per_expert_load_conversions",
     "per_expert_checkpoints",
-    "register_kimi_k2_mapping",
+    "register_loaded_as_mappings",
 ]
 
 _EXPERT = "mlp.experts.*"
@@ -128,13 +128,16 @@ def per_expert_checkpoints(model_type: str = "gpt_oss") -> Iterator[None]:
     The previous mapping is restored on exit: registered for good, it would also
     make transformers save fused gpt-oss models per expert.
 
-    :param model_type: the family (only ``gpt_oss`` needs this)
+    :param model_type: the family (only those whose hub layout is fused, gpt-oss,
+        need this)
     """
-    if model_type != "gpt_oss":
-        yield
-        return
     from ream_modifiers.moe.architectures import ARCHITECTURES
     from ream_modifiers.moe.packed_names import packed_names_load_conversions
+
+    spec = ARCHITECTURES.get(model_type)
+    if spec is None or not spec.fused_on_disk:
+        yield
+        return
 
     previous = get_checkpoint_conversion_mapping(model_type)
     register_checkpoint_conversion_mapping(
@@ -149,15 +152,19 @@ def per_expert_checkpoints(model_type: str = "gpt_oss") -> Iterator[None]:
         register_checkpoint_conversion_mapping(model_type, previous, overwrite=True)
 
 
-def register_kimi_k2_mapping() -> None:
+def register_loaded_as_mappings() -> None:
     """
-    Give ``kimi_k2`` DeepSeek-V3's conversion mapping (idempotent), so a Kimi-K2
-    checkpoint's per-expert tensors are fused into the experts on load.
+    Give every model type of ``LOADED_AS`` (Kimi-K2) its native family's
+    conversion mapping (idempotent), so its per-expert tensors are fused into the
+    experts on load.
     """
-    if get_checkpoint_conversion_mapping("kimi_k2") is not None:
-        return
-    mapping = get_checkpoint_conversion_mapping("deepseek_v3")
-    if mapping is None:  # pragma: no cover - transformers without the mapping
-        logger.warning("transformers has no deepseek_v3 conversion mapping to reuse")
-        return
-    register_checkpoint_conversion_mapping("kimi_k2", mapping)
+    from ream_modifiers.moe.architectures import LOADED_AS
+
+    for model_type, native in LOADED_AS.items():
+        if get_checkpoint_conversion_mapping(model_type) is not None:
+            continue
+        mapping = get_checkpoint_conversion_mapping(native)
+        if mapping is None:  # pragma: no cover - transformers without the mapping
+            logger.warning(f"transformers has no {native} conversion mapping to reuse")
+            continue
+        register_checkpoint_conversion_mapping(model_type, mapping)

@@ -36,13 +36,9 @@ __all__ = [
     "patch_saved_config",
 ]
 
-# Attributes in which modules cache the expert count they were built with.
-_CACHED_COUNT_ATTRS = (
-    "num_experts",
-    "n_experts",
-    "n_routed_experts",
-    "num_local_experts",
-)
+# Attributes in which modules cache the expert count they were built with: the
+# generic names, and the family's own config keys (modules copy them)
+_GENERIC_COUNT_ATTRS = ("num_experts", "n_experts")
 
 
 @torch.no_grad()
@@ -170,8 +166,9 @@ def _store(module: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def _set_cached_counts(layer: MoELayer, count: int) -> None:
+    attrs = dict.fromkeys((*_GENERIC_COUNT_ATTRS, *layer.spec.num_experts_keys))
     for holder in layer.count_holders():
-        for attr in _CACHED_COUNT_ATTRS:
+        for attr in attrs:
             if isinstance(getattr(holder, attr, None), int):
                 setattr(holder, attr, count)
     layer.routing = replace(layer.routing, num_experts=count)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 from compressed_tensors import align_module_device
@@ -20,32 +19,13 @@ from transformers import PreTrainedModel
 
 from ream_modifiers.moe.architectures import MoEArchSpec, get_arch_spec
 from ream_modifiers.moe.routing import RoutingSpec
+from ream_modifiers.moe.weights import ExpertWeights
 
 __all__ = ["MoELayer", "ExpertWeights", "find_moe_layers", "MoEModelError"]
 
 
 class MoEModelError(ValueError):
     """The model cannot be handled as an MoE model (raised before calibration)."""
-
-
-@dataclass
-class ExpertWeights:
-    """
-    Stacked weights of a layer's routed experts.
-
-    ``gate`` and ``up`` are ``[E, I, H]``; ``down`` is ``[E, H, I]`` (the
-    ``nn.Linear`` layout). Biases are ``None`` unless the family has them.
-    """
-
-    gate: torch.Tensor | None
-    up: torch.Tensor
-    down: torch.Tensor
-    gate_bias: torch.Tensor | None = None
-    up_bias: torch.Tensor | None = None
-    down_bias: torch.Tensor | None = None
-
-    def matrices(self) -> list[torch.Tensor]:
-        return [w for w in (self.gate, self.up, self.down) if w is not None]
 
 
 class MoELayer:
@@ -280,7 +260,7 @@ def find_moe_layers(
             raise MoEModelError(
                 f"{name}.{spec.router_attr} has no `weight` tensor; the "
                 f"{spec.model_type!r} router layout is not supported. Add a row to "
-                "ream_modifiers.moe.architectures.ARCHITECTURES naming its router."
+                "ream_modifiers/moe/architectures.yaml naming its router."
             )
         if any(p.search(name) for p in patterns):
             continue

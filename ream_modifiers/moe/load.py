@@ -36,22 +36,18 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.monkey_patching import clear_patch_mapping
 
-from ream_modifiers.moe.architectures import get_arch_spec, text_config
+from ream_modifiers.moe.architectures import LOADED_AS, get_arch_spec, text_config
 from ream_modifiers.moe.conversions import (
     fused_save_conversions,
     per_expert_checkpoints,
-    register_kimi_k2_mapping,
+    register_loaded_as_mappings,
 )
 from ream_modifiers.moe.offload import Offload, offload_load_kwargs
 
 __all__ = ["load_moe_model", "load_context_available", "ensure_hub_save_names"]
 
-# Checkpoint model types transformers does not know, and the native family whose
-# classes load them.
-_LOAD_AS = {"kimi_k2": "deepseek_v3"}
-
-# importing the package is enough for a plain from_pretrained of Kimi-K2
-register_kimi_k2_mapping()
+# importing this module is enough for a plain from_pretrained of Kimi-K2
+register_loaded_as_mappings()
 
 
 def ensure_hub_save_names(model: PreTrainedModel) -> None:
@@ -136,7 +132,7 @@ def load_moe_model(
         cannot work, before anything is loaded
     """
     kwargs.update(offload_load_kwargs(offload, offload_folder, kwargs))
-    register_kimi_k2_mapping()
+    register_loaded_as_mappings()
     config = _checkpoint_config(model_id, kwargs)
     if config is not None:
         # llm-compressor's load_context resolves configs through AutoConfig,
@@ -304,7 +300,7 @@ def _checkpoint_config(model_id, kwargs: dict):
         config_dict, _ = PretrainedConfig.get_config_dict(model_id)
     except OSError:
         return None  # let from_pretrained raise its own error
-    native = _LOAD_AS.get(config_dict.get("model_type"))
+    native = LOADED_AS.get(config_dict.get("model_type"))
     if native is None:
         return None
     config_class = CONFIG_MAPPING[native]

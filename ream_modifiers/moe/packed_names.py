@@ -38,7 +38,7 @@ from transformers.core_model_loading import (
 )
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME as INDEX_FILENAME
 
-from ream_modifiers.moe.architectures import MoEArchSpec
+from ream_modifiers.moe.architectures import PACKED_PARAMS, MoEArchSpec
 
 __all__ = [
     "PACKED_PARAMS",
@@ -50,9 +50,6 @@ __all__ = [
 _PROJECTION = re.compile(
     r"^(?P<expert>.+\.\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.(?P<param>\w+)$"
 )
-# what vLLM's loader reads per quantized expert and prefix (the gate/up pair's
-# interleaved row by row, down's renamed); anything else cannot be served
-PACKED_PARAMS = ("weight_packed", "weight_scale", "bias")
 _DROPPED = ("weight_shape",)
 
 

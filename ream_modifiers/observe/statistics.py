@@ -8,6 +8,7 @@ a method can read them without knowing how they were gathered.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
     from ream_modifiers.observe.collector import BatchRouting, ExpertBatch
 
 __all__ = [
+    "LayerStatistics",
+    "RoutedStatistics",
     "Statistic",
     "RoutedExpertSums",
     "MeanExpertOutput",
@@ -176,7 +179,7 @@ class RoutedExpertSums(Statistic):
 
     g_j is the weight the model multiplies expert j's output by. With
     ``probabilities=True`` also, with p_j(x) the router's unrenormalised score
-    (see :mod:`ream_modifiers.methods.saliency`):
+    (see :mod:`ream_modifiers.engines.saliency`):
 
     - ``prob_sq_norm``: sum of p_j(x)²·‖f_j(x)‖₂
     - ``prob_sq_norm_batch_means``: sum over batches of that batch's mean of
@@ -479,3 +482,28 @@ class InputSamples(ActivationSamples):
     def result(self) -> torch.Tensor:
         """``[filled, H]`` sampled MoE inputs, in key order."""
         return super().result()[0]
+
+
+@dataclass
+class LayerStatistics:
+    """
+    Base of a method's typed statistics for one layer: every field is a
+    :class:`Statistic` (or None where a setting turns it off). The method builds
+    one per layer in ``statistics()``, the collector feeds its fields, and
+    ``decide()`` reads the same fields by attribute, so a statistic a method
+    reads but never asked for is an error when the class is written, not after
+    a layer has calibrated.
+    """
+
+    def collected(self) -> list[Statistic]:
+        """The statistics to feed, in field order."""
+        found = [getattr(self, f.name) for f in fields(self)]
+        return [statistic for statistic in found if statistic is not None]
+
+
+@dataclass
+class RoutedStatistics(LayerStatistics):
+    """Per-expert sums over the routed tokens (REAP, DERN and the pruning
+    baselines)."""
+
+    routed: RoutedExpertSums

@@ -369,3 +369,15 @@ def test_dots1_always_needs_its_bias(tiny_model_dir, tmp_path):
     report = check_checkpoint(path)
     assert report.codes == ["missing-correction-bias"]
     assert "vLLM always creates" in report.violations[0].message
+
+
+def test_a_truncated_shard_is_a_violation_not_a_crash(tiny_model_dir, tmp_path):
+    """The checker reads headers itself (no torch); a cut file is reported."""
+    copy = Path(shutil.copytree(tiny_model_dir("qwen3_moe"), tmp_path / "cut"))
+    weights = copy / WEIGHTS
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    report = check_checkpoint(copy)
+    assert not report.ok
+    violation = next(v for v in report.violations if v.code == "unreadable-shard")
+    assert violation.where == WEIGHTS
+    assert "is truncated" in violation.message

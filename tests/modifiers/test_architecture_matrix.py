@@ -22,20 +22,10 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from ream_modifiers.check import check_checkpoint
-from ream_modifiers.modifiers import (
-    AIMERModifier,
-    DERNModifier,
-    EANPruningModifier,
-    FrequencyPruningModifier,
-    HCSMoEModifier,
-    MoEITSModifier,
-    MSMoEModifier,
-    REAMModifier,
-    REAPModifier,
-)
 from ream_modifiers.moe import MoEModelError, find_moe_layers
 from ream_modifiers.moe.architectures import ARCHITECTURES, MoEArchSpec
 from ream_modifiers.moe.conversions import per_expert_checkpoints
+from ream_modifiers.registry import methods
 from ream_modifiers.saving import REPORT_FILENAME
 from ream_modifiers.tiny import TINY_CONFIGS
 from tests.conftest import NUM_SAMPLES, SEQ_LEN, sample_input_ids
@@ -55,16 +45,12 @@ FAMILIES = [
     "hunyuan_v1_moe",
     "gpt_oss",
 ]
+# every registered method at 25%, with its quick settings for tiny models
 MODIFIERS = {
-    "reap": lambda: REAPModifier(sparsity=0.25),
-    "ream": lambda: REAMModifier(sparsity=0.25, max_activation_tokens=256),
-    "hcsmoe": lambda: HCSMoEModifier(sparsity=0.25, max_activation_tokens=256),
-    "msmoe": lambda: MSMoEModifier(sparsity=0.25, max_activation_tokens=256),
-    "dern": lambda: DERNModifier(sparsity=0.25, kmeans_iters=5),
-    "aimer": lambda: AIMERModifier(sparsity=0.25),
-    "moeits": lambda: MoEITSModifier(sparsity=0.25, bins=16),
-    "frequency": lambda: FrequencyPruningModifier(sparsity=0.25),
-    "ean": lambda: EANPruningModifier(sparsity=0.25),
+    method.name: (
+        lambda method=method: method.modifier(sparsity=0.25, **method.fast_settings)
+    )
+    for method in methods()
 }
 # (family, modifier): why that method cannot run on that family at all
 UNSUPPORTED = {

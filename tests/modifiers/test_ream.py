@@ -11,7 +11,7 @@ from ream_modifiers import (
     REAMModifier,
     REAPModifier,
 )
-from ream_modifiers.methods.align import match_neurons, weight_descriptors
+from ream_modifiers.engines.align import match_neurons, weight_descriptors
 from ream_modifiers.modifiers.base import LayerDecision
 from ream_modifiers.moe import find_moe_layers
 from tests.conftest import copy_expert, run_modifier
@@ -195,8 +195,8 @@ def test_each_layer_drops_its_hooks_and_statistics_once_decided(load_tiny, calib
     live_at_apply = []
 
     class Probe(REAMModifier):
-        def apply(self, layer, decision):
-            super().apply(layer, decision)
+        def write(self, layer, decision, read):
+            super().write(layer, decision, read)
             live_at_apply.append(
                 [_hook_count(other.experts) > 0 for other in self._layers]
             )

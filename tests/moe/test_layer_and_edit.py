@@ -200,7 +200,7 @@ def test_gpt_oss_pruning_keeps_the_right_bias_rows(load_tiny):
 
 
 def test_gpt_oss_merge_averages_biases(load_tiny):
-    from ream_modifiers.methods.merge import merge_group
+    from ream_modifiers.engines.merge import merge_group
 
     model, _, _ = load_tiny("gpt_oss")
     layer = find_moe_layers(model)[0]

@@ -156,7 +156,7 @@ def test_p_squared_sums_match_a_hand_computation(load_tiny, model_type):
     per-batch means of p^2*||f|| over routed tokens, p the router's score before
     selection (softmax, or sigmoid without the correction bias).
     """
-    from ream_modifiers.methods.saliency import saliency
+    from ream_modifiers.engines.saliency import saliency
 
     model, _, _ = load_tiny(model_type)
     layer = find_moe_layers(model)[0]

@@ -1,0 +1,282 @@
+"""
+The arguments of ``compress``, in four groups (the model, the calibration data,
+the pipeline, the output), each a dataclass whose fields carry their command-line
+help: the parser is built from them and :func:`ream_modifiers.cli.compress_command`
+takes the same names, so an option is written once.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, ClassVar
+
+from ream_modifiers.errors import InputError
+
+__all__ = [
+    "ARGUMENT_GROUPS",
+    "CalibrationArguments",
+    "CheckArguments",
+    "DemoArguments",
+    "LogArguments",
+    "CompressJob",
+    "ModelArguments",
+    "OutputArguments",
+    "PipelineArguments",
+    "add_argument_group",
+]
+
+
+def _option(default: Any, help: str, **argparse_kwargs: Any) -> Any:
+    """A field with its command-line help (``cli=False``: API only)."""
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+@dataclass
+class ModelArguments:
+    """The model and how it is loaded."""
+
+    title: ClassVar[str] = "model"
+    description: ClassVar[str | None] = None
+
+    model: str = _option(MISSING, "local path or Hugging Face model ID", required=True)
+    dtype: str = _option("auto", "auto, bfloat16, float16 or float32")
+    trust_remote_code: bool = _option(
+        False,
+        "run modelling code shipped with the model (off by default: only for "
+        "models whose code you trust)",
+    )
+
+
+@dataclass
+class CalibrationArguments:
+    """Where the calibration text comes from and how it becomes rows."""
+
+    title: ClassVar[str] = "calibration data"
+    description: ClassVar[str | None] = "give --dataset or --mix"
+
+    dataset: str | None = _option(
+        None,
+        "calibration text: 'bundled', a local .txt/.jsonl file or folder, c4 / "
+        "ultrachat / numinamath / the-stack-smol, or a Hugging Face dataset ID",
+    )
+    mix: str | None = _option(
+        None,
+        "general/math/code mix instead of --dataset, e.g. "
+        "general=0.2,math=0.3,code=0.5 (c4, NuminaMath-1.5, the-stack-smol)",
+    )
+    mix_sources: dict[str, str] | None = _option(
+        None,
+        "replace a mix source by a local .txt/.jsonl file or folder, or "
+        "bundled:<domain> (repeatable)",
+        flag="--mix-source",
+        action="append",
+        metavar="NAME=PATH",
+    )
+    num_samples: int = _option(512, "calibration rows", type=int)
+    max_seq_len: int = _option(2048, "tokens per row", type=int)
+    text_field: str = _option("text", "text column of JSONL / HF data")
+    packing: bool = _option(True, "one document per row instead of packed rows")
+    chat_template: bool = _option(
+        False, "wrap mix texts in the tokenizer's chat template"
+    )
+    seed: int = _option(42, "mix sampling seed", type=int)
+    calibrate_all_experts: bool = _option(
+        True,
+        "run experts on routed tokens only (faster; REAP/AIMER do not need all)",
+    )
+
+
+@dataclass
+class PipelineArguments:
+    """Where the weights live and how llm-compressor's pipeline cuts the model."""
+
+    title: ClassVar[str] = "larger than memory"
+    description: ClassVar[str | None] = (
+        "keep the weights off the execution device; llm-compressor's sequential "
+        "pipeline onloads one decoder layer (plus its calibration activations) at "
+        "a time"
+    )
+
+    offload: str = _option(
+        "none",
+        "where the weights live: cpu memory, disk (--offload-folder), or auto "
+        "(cpu memory up to what is free less 5 GB, the rest on disk)",
+        choices=["none", "cpu", "disk", "auto"],
+    )
+    offload_folder: str | None = _option(
+        None,
+        "empty or new folder for --offload disk/auto (links to the checkpoint and "
+        "changed weights; emptied at the end)",
+        metavar="DIR",
+    )
+    sequential_targets: list[str] | None = _option(
+        None,
+        "subgraph targets of the modifiers after the expert reduction, e.g. "
+        "Qwen3MoeAttention ExpertMLP for GPTQ per expert (the reduction runs first "
+        "in its own pass with whole decoder layers)",
+        nargs="+",
+        metavar="TARGET",
+    )
+    sequential_targets_per_subgraph: int = _option(
+        1,
+        "targets per subgraph with --sequential-targets (default 1)",
+        type=int,
+        metavar="N",
+    )
+
+
+@dataclass
+class OutputArguments:
+    """Where the checkpoint goes and what is checked before it is published."""
+
+    title: ClassVar[str] = "output"
+    description: ClassVar[str | None] = None
+
+    output: str = _option(MISSING, "output directory", required=True)
+    overwrite: bool = _option(False, "replace a non-empty output directory")
+    check_vllm: bool = _option(
+        False,
+        "before publishing, load the result in vLLM with strict weight tracking "
+        "and generate a few tokens; the model card records the outcome",
+    )
+    vllm_python: str | None = _option(
+        None,
+        "interpreter of an environment with vLLM for --check-vllm (default: this one)",
+        metavar="PYTHON",
+    )
+    command: str | None = _option(
+        None, "the command line, quoted in the model card", cli=False
+    )
+
+
+@dataclass
+class LogArguments:
+    """How much ``compress`` and ``demo`` print."""
+
+    title: ClassVar[str] = "logging"
+    description: ClassVar[str | None] = None
+
+    verbose: bool = _option(
+        False,
+        "keep llm-compressor's per-module logs (GPTQ prints a few lines for every "
+        "Linear it quantizes)",
+    )
+    debug: bool = _option(False, "print the traceback of an error")
+
+
+@dataclass
+class DemoArguments:
+    """``ream-compress demo``."""
+
+    title: ClassVar[str] = "demo"
+    description: ClassVar[str | None] = None
+
+    output: str = _option("demo-output", "output directory")
+    recipe: str = _option("reap_w4a16", "recipe name or YAML path")
+    overwrite: bool = _option(
+        False,
+        "replace a non-empty output directory (an earlier demo output is replaced "
+        "anyway)",
+    )
+
+
+@dataclass
+class CheckArguments:
+    """``ream-compress check``."""
+
+    title: ClassVar[str] = "check"
+    description: ClassVar[str | None] = None
+
+    directory: str = _option(MISSING, "checkpoint directory", positional=True)
+    vllm: bool = _option(
+        False,
+        "also load it in vLLM (strict weight tracking) and generate a few tokens; "
+        "needs vLLM in this environment or --vllm-python",
+    )
+    vllm_python: str | None = _option(
+        None,
+        "interpreter of an environment with vLLM (default: this one)",
+        metavar="PYTHON",
+    )
+
+
+ARGUMENT_GROUPS = (
+    ModelArguments,
+    CalibrationArguments,
+    PipelineArguments,
+    OutputArguments,
+)
+
+
+@dataclass
+class CompressJob:
+    """Every argument of one ``compress`` run, by group."""
+
+    recipe: str
+    model: ModelArguments
+    calibration: CalibrationArguments
+    pipeline: PipelineArguments
+    output: OutputArguments
+
+    @classmethod
+    def from_options(cls, recipe: str, **options: Any) -> CompressJob:
+        """
+        :param options: field names of the argument groups
+        :raises TypeError: for a name no group has
+        """
+        groups = {}
+        for group in ARGUMENT_GROUPS:
+            names = {f.name for f in fields(group)}
+            groups[group] = group(**{k: options.pop(k) for k in names & set(options)})
+        if options:
+            known = sorted(f.name for g in ARGUMENT_GROUPS for f in fields(g))
+            raise TypeError(f"compress() got unknown options {sorted(options)}; "
+                            f"known: {known}")  # fmt: skip
+        return cls(recipe, *groups.values())
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace, command: str) -> CompressJob:
+        """The job of a parsed ``ream-compress compress`` command line."""
+        options = {
+            f.name: getattr(args, f.name)
+            for group in ARGUMENT_GROUPS
+            for f in fields(group)
+            if f.metadata.get("cli", True)
+        }
+        options["mix_sources"] = _mix_sources(args.mix_sources or [])
+        return cls.from_options(args.recipe, command=command, **options)
+
+
+def _mix_sources(items: list[str]) -> dict[str, str]:
+    sources = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise InputError(
+                f"--mix-source {item!r} is not NAME=PATH",
+                "e.g. --mix-source code=data/",
+            )
+        sources[name] = path
+    return sources
+
+
+def add_argument_group(parser: argparse.ArgumentParser, group: type) -> None:
+    """Add one argument group's fields to ``parser`` as options."""
+    target = parser.add_argument_group(group.title, group.description)
+    for item in fields(group):
+        meta = dict(item.metadata)
+        if not meta.pop("cli", True):
+            continue
+        flag = meta.pop("flag", "--" + item.name.replace("_", "-"))
+        if meta.pop("positional", False):
+            target.add_argument(item.name, **meta)
+            continue
+        if item.default is True:  # an option that is on unless turned off
+            flag = flag.replace("--", "--no-", 1)
+            meta["action"] = "store_false"
+        elif item.default is False:
+            meta["action"] = "store_true"
+        elif item.default is not MISSING:
+            meta.setdefault("default", item.default)
+        target.add_argument(flag, dest=item.name, **meta)

@@ -1,0 +1,116 @@
+"""
+Neuron alignment: describing each intermediate neuron of an expert, and matching
+a member's neurons to a centroid's with the Hungarian algorithm.
+
+An expert's function is unchanged when its intermediate neurons are permuted
+(gate and up rows, down columns together), so a member can be aligned to its
+centroid before averaging without changing what it computes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from ream_modifiers.moe.weights import ExpertWeights
+
+__all__ = [
+    "neuron_rows",
+    "weight_descriptors",
+    "activation_descriptors",
+    "match_neurons",
+]
+
+
+def neuron_rows(weights: ExpertWeights, expert: int) -> torch.Tensor:
+    """``[D, 3H]``: neuron d as [W_gate[d, :] | W_up[d, :] | W_down[:, d]]."""
+    parts = [w[expert] for w in (weights.gate, weights.up) if w is not None]
+    parts.append(weights.down[expert].T)
+    return torch.cat(parts, dim=-1)
+
+
+def _unit(rows: torch.Tensor) -> torch.Tensor:
+    return rows / rows.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+@torch.no_grad()
+def weight_descriptors(
+    weights: ExpertWeights, experts: list[int], dim: int = 64
+) -> dict[int, torch.Tensor]:
+    """
+    REAM's PCA weight descriptor of every neuron of ``experts``.
+
+    All N*D neuron rows of the layer are L2-normalised and centred, projected on
+    their top-``dim`` principal directions (an exact PCA through the streamed
+    ``3H x 3H`` covariance, rather than the reference's randomised low-rank PCA
+    of the full N*D x 3H matrix, which needs no more memory than one expert), and
+    L2-normalised again. The projection ``(rows - mean) @ V`` equals ``U * S`` of
+    the SVD, i.e. the components scaled by their singular values.
+
+    :return: ``{expert: [D, dim] fp32}``
+    """
+    num_experts = weights.down.shape[0]
+    width = neuron_rows(weights, 0).shape[-1]
+    device = weights.down.device
+    total = torch.zeros(width, dtype=torch.float64, device=device)
+    second = torch.zeros(width, width, dtype=torch.float64, device=device)
+    count = 0
+    for e in range(num_experts):
+        rows = _unit(neuron_rows(weights, e).float()).double()
+        total += rows.sum(0)
+        second += rows.T @ rows
+        count += rows.shape[0]
+    mean = total / count
+    covariance = second / count - torch.outer(mean, mean)
+    _, vectors = torch.linalg.eigh(covariance)  # ascending eigenvalues
+    basis = vectors[:, -min(dim, width) :].flip(-1).float()
+    mean = mean.float()
+    return {
+        e: _unit((_unit(neuron_rows(weights, e).float()) - mean) @ basis)
+        for e in experts
+    }
+
+
+def activation_descriptors(samples: torch.Tensor, experts: list[int]):
+    """``{expert: [D, S]}``: each neuron's sampled activations, L2-normalised."""
+    return {e: _unit(samples[e].float().T) for e in experts}
+
+
+@torch.no_grad()
+def match_neurons(
+    centroid: int,
+    members: list[int],
+    descriptors: list[dict[int, torch.Tensor]],
+    squared: bool = False,
+) -> list[list[int]]:
+    """
+    Hungarian matching of each member's neurons to the centroid's.
+
+    The cost of pairing centroid neuron a with member neuron b is the sum over
+    ``descriptors`` of the Euclidean distance between their descriptors (squared
+    distances with ``squared=True``, i.e. M-SMoE's weight matching). Cost
+    matrices of the whole group are built on the device and moved to the host
+    once for scipy.
+
+    :return: per member, ``perm`` such that member neuron ``perm[a]`` goes to
+        position ``a``
+    """
+    if not members:
+        return []
+    costs = []
+    for m in members:
+        cost = None
+        for table in descriptors:
+            term = torch.cdist(table[centroid].float(), table[m].float())
+            term = term.square() if squared else term
+            cost = term if cost is None else cost + term
+        costs.append(cost)
+    host = torch.stack(costs).cpu().double().numpy()
+    perms = []
+    for matrix in host:
+        rows, cols = linear_sum_assignment(matrix)
+        perm = np.empty_like(cols)
+        perm[rows] = cols
+        perms.append(perm.tolist())
+    return perms
