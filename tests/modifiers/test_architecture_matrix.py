@@ -44,6 +44,10 @@ FAMILIES = [
     "dots1",
     "hunyuan_v1_moe",
     "gpt_oss",
+    "deepseek_v32",
+    "glm_moe_dsa",
+    "glm4_moe_lite",
+    "flex_olmo",
 ]
 # every registered method at 25%, with its quick settings for tiny models
 MODIFIERS = {
