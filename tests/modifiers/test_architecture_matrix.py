@@ -48,6 +48,7 @@ FAMILIES = [
     "glm_moe_dsa",
     "glm4_moe_lite",
     "flex_olmo",
+    "jamba",
 ]
 # every registered method at 25%, with its quick settings for tiny models
 MODIFIERS = {
