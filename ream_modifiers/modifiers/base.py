@@ -404,6 +404,7 @@ class ExpertReductionModifier(Modifier):
                 # the mixin caches its resolved config; resolve again with the ignores
                 modifier._resolved_config = None
                 logger.info(
-                    f"{type(modifier).__name__}: not quantizing {added} (routers and "
-                    f"shared-expert gates of {self._layers[0].spec.model_type})"
+                    f"{type(modifier).__name__}: not quantizing {added} (what "
+                    f"{self._layers[0].spec.model_type} keeps unquantized: routers, "
+                    "gates, modules vLLM builds without a quant_config)"
                 )
