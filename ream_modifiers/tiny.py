@@ -25,6 +25,7 @@ __all__ = ["TINY_CONFIGS", "build_tokenizer", "build_tiny_moe"]
 
 _RANDOMIZED_SUFFIXES = (
     "e_score_correction_bias",
+    "expert_bias",
     "experts.gate_up_proj_bias",
     "experts.down_proj_bias",
     "router.bias",

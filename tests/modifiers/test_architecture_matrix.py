@@ -49,6 +49,7 @@ FAMILIES = [
     "glm4_moe_lite",
     "flex_olmo",
     "jamba",
+    "afmoe",
 ]
 # every registered method at 25%, with its quick settings for tiny models
 MODIFIERS = {
