@@ -115,16 +115,6 @@ def model_routing(
     return spec, routing
 
 
-def _min_per_group(modifier: Any, layer: _ConfigLayer) -> int:
-    try:
-        return int(modifier.min_experts_per_group([layer]))
-    except AttributeError:
-        # a method that reads more of the layer than the config gives: the
-        # base rule (two per group where groups are scored by their top 2)
-        grouped = layer.routing.n_group is not None
-        return 2 if grouped and layer.routing.group_score == "top2_sum" else 1
-
-
 def _span(values: list[Any]) -> str:
     """``[2, 3, 4, 5]`` -> ``between 2 and 5``; ``[4, 6]`` -> ``to 4 or 6``."""
     if len(values) <= 3:
@@ -195,7 +185,7 @@ def check_expert_budget(
         kw = dict(
             num_experts=routing.num_experts,
             top_k=routing.top_k,
-            min_per_group=_min_per_group(modifier, layer),
+            min_per_group=modifier.min_experts_per_group([layer]),
             **groups,
         )
         name = type(modifier).__name__
