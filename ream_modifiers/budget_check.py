@@ -18,7 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from ream_modifiers.errors import InputError
-from ream_modifiers.moe.architectures import MoEArchSpec, get_arch_spec
+from ream_modifiers.moe.architectures import (
+    MoEArchSpec,
+    UnsupportedFamilyError,
+    get_arch_spec,
+)
 from ream_modifiers.moe.routing import RoutingSpec
 
 __all__ = [
@@ -82,6 +86,13 @@ def model_routing(
     config = _load_config(model, trust_remote_code)
     try:
         spec = get_arch_spec(config)
+    except UnsupportedFamilyError as error:
+        family = error.family
+        raise ModelConfigError(
+            f"model {model} is {family.name} (model_type {family.model_type!r}), "
+            f"which cannot be reduced: {family.reason}",
+            family.fix,
+        ) from None
     except ValueError:
         raise ModelConfigError(
             f"model {model} (model_type {config.model_type!r}) is not an MoE model: "

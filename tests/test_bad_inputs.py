@@ -66,6 +66,26 @@ def _copy_model(source: Path, target: Path, **config: object) -> Path:
     return target
 
 
+_SMALL = dict(hidden_size=128, num_hidden_layers=2, vocab_size=512)
+UNSUPPORTED_CONFIGS = {
+    "minimax": dict(
+        model_type="minimax",
+        architectures=["MiniMaxForCausalLM"],
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        **_SMALL,
+    ),
+    "dbrx": dict(
+        model_type="dbrx",
+        architectures=["DbrxForCausalLM"],
+        d_model=128,
+        n_layers=2,
+        vocab_size=512,
+        ffn_config={"moe_num_experts": 8, "moe_top_k": 2, "ffn_hidden_size": 128},
+    ),
+}
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tiny_model_dir) -> SimpleNamespace:
     """Bad models, recipes and data, made once for the module."""
@@ -115,6 +135,10 @@ def workspace(tmp_path_factory, tiny_model_dir) -> SimpleNamespace:
     dense.update(hidden_size=128, intermediate_size=256, num_hidden_layers=2)
     dense.update(num_attention_heads=4, vocab_size=512)
     (models["dense"] / "config.json").write_text(json.dumps(dense))
+    # MoE families that cannot be reduced (ream_modifiers/moe/unsupported.yaml)
+    for name, config in UNSUPPORTED_CONFIGS.items():
+        models[name] = _copy_model(qwen, root / name)
+        (models[name] / "config.json").write_text(json.dumps(config))
     # 8 experts in 2 groups, a token may use 1 group: 4 reachable, top-3
     models["deepseek-top-3"] = _copy_model(
         deepseek, root / "deepseek-top-3", num_experts_per_tok=3
@@ -194,6 +218,16 @@ CASES = {
         "num_experts_per_tok=10 is larger than num_experts=8", model="top-k-10"
     ),
     "dense-model": Case("(model_type 'llama') is not an MoE model", model="dense"),
+    "unsupported-family-minimax": Case(
+        "(model_type 'minimax'), which cannot be reduced: vLLM 0.32 has no model",
+        "serve MiniMax-M2",
+        model="minimax",
+    ),
+    "unsupported-family-dbrx": Case(
+        "is DBRX (model_type 'dbrx'), which cannot be reduced",
+        "no expert-reduction tool supports DBRX",
+        model="dbrx",
+    ),
     "sparsity-keeps-fewer-than-top-k": Case(
         "sparsity=0.99 cannot be met by",
         "set num_experts between 2 and 7",

@@ -7,6 +7,7 @@ with transformers, and run vLLM on a batch of checkpoints in ``.venv-vllm``
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ from tests.conftest import NUM_SAMPLES, SEQ_LEN
 ROOT = Path(__file__).parents[1]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 WORKER = Path(__file__).parent / "vllm_generate.py"
+STUBS = Path(__file__).parent / "stubs"
 TOKENS = 12
 
 # What vLLM's CPU build needs of a tiny config beyond the unit tests' (probe
@@ -45,8 +47,11 @@ VLLM_OVERRIDES: dict[str, dict] = {
     "qwen3_next": dict(
         head_dim=128, linear_key_head_dim=128, linear_value_head_dim=128
     ),
+    "qwen3_5_moe_text": dict(
+        head_dim=128, linear_key_head_dim=128, linear_value_head_dim=128
+    ),
 }
-DTYPES = {"qwen3_next": torch.bfloat16}
+DTYPES = {"qwen3_next": torch.bfloat16, "qwen3_5_moe_text": torch.bfloat16}
 
 
 def dtype_of(family: str) -> torch.dtype:
@@ -129,6 +134,21 @@ def teacher_forced_gap(model, prompts, vllm: dict) -> float:
     return gap
 
 
+def worker_env() -> dict[str, str]:
+    """
+    The vLLM worker's environment: with ``stubs/`` (an import-only torchvision)
+    on ``PYTHONPATH`` while ``.venv-vllm`` has no torchvision, so that vLLM can
+    import its Qwen3.5 model (also in the subprocess that inspects models).
+    """
+    env = dict(os.environ)
+    probe = [str(VLLM_PYTHON), "-c", "import importlib.util as u; "
+             "print(u.find_spec('torchvision') is not None)"]  # fmt: skip
+    if subprocess.run(probe, capture_output=True, text=True).stdout.strip() != "True":
+        paths = [str(STUBS), env.get("PYTHONPATH", "")]
+        env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    return env
+
+
 def run_vllm(jobs: list[dict], scratch: Path, timeout: int = 1800) -> dict[str, dict]:
     """
     vLLM's result per checkpoint (``ok``, ``tokens``, ``logits`` or ``error``)
@@ -143,6 +163,7 @@ def run_vllm(jobs: list[dict], scratch: Path, timeout: int = 1800) -> dict[str, 
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=worker_env(),
     )
     results = {}
     for line in run.stdout.splitlines():

@@ -121,13 +121,6 @@ def read_shapes(directory: Path, report: CheckReport) -> dict[str, tuple[int, ..
     return shapes
 
 
-def _to_memory(name: str, spec: MoEArchSpec) -> str:
-    """The in-memory (linearized) name of a stored tensor (undo hub renames)."""
-    for disk, memory in spec.linear_save_renames:
-        name = re.sub(disk, memory, name)
-    return name
-
-
 @dataclass
 class _NamePatterns:
     """How a family's tensors are named on disk (after undoing hub renames)."""
@@ -180,7 +173,7 @@ def find_blocks(
     biases: list[tuple[str, StoredTensor]] = []
     others: list[tuple[str, StoredTensor]] = []
     for disk, shape in shapes.items():
-        memory = _to_memory(disk, spec)
+        memory = spec.memory_name(disk)
         tensor = StoredTensor(disk, shape)
         if (patterns.packed and (match := patterns.packed.match(memory))) or (
             match := patterns.expert.match(memory)

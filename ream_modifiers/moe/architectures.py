@@ -9,6 +9,7 @@ never branches on a model name. Unknown model types fall back to
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -25,6 +26,9 @@ __all__ = [
     "LOADED_AS",
     "PACKED_PARAMS",
     "MoEArchSpec",
+    "UNSUPPORTED_FAMILIES",
+    "UnsupportedFamily",
+    "UnsupportedFamilyError",
     "get_arch_spec",
     "detect_spec",
     "text_config",
@@ -107,6 +111,12 @@ class MoEArchSpec:
         compressed-tensors' per-projection names
     :param intermediate_size_key: config key of one routed expert's width, which
         vLLM sizes every expert tensor from
+    :param per_expert_load: whether transformers needs a mapping from per-expert
+        tensors (``<block>.experts.{i}.gate_proj.weight``, which vLLM reads and
+        what is saved here) to the fused experts class: its own mapping for the
+        family only renames the hub's fused tensors (Granite-MoE's
+        ``input_linear``), so a saved result would not load back
+        (:func:`ream_modifiers.moe.conversions.register_per_expert_mappings`)
     :param router_quantizable_in_vllm: whether vLLM builds the router as a
         linear layer that a quantization config can target (Qwen3-MoE's gate,
         Hunyuan's ``gate.wg``); elsewhere it is always unquantized
@@ -140,6 +150,7 @@ class MoEArchSpec:
     packed_expert_names: tuple[str, str] | None = None
     intermediate_size_key: str = "moe_intermediate_size"
     router_quantizable_in_vllm: bool = False
+    per_expert_load: bool = False
 
     @property
     def num_experts_key(self) -> str:
@@ -163,6 +174,12 @@ class MoEArchSpec:
         if self.bias_location == "block":
             return self.bias_attr
         return f"{self.router_owner_attr}.{self.bias_attr}"
+
+    def memory_name(self, disk_name: str) -> str:
+        """The in-memory (linearized) name of a tensor stored under a hub name."""
+        for disk, memory in self.linear_save_renames:
+            disk_name = re.sub(disk, memory, disk_name)
+        return disk_name
 
     @property
     def hub_bias(self) -> str | None:
@@ -235,9 +252,49 @@ def _load_table() -> tuple[dict[str, MoEArchSpec], dict[str, str]]:
 
 
 TABLE_FILENAME = "architectures.yaml"
+UNSUPPORTED_FILENAME = "unsupported.yaml"
 # routers of a family not in the table: every name its kind uses
 _DETECTED_IGNORE = _BASE_IGNORE + ("re:.*mlp.gate$", "re:.*mlp.shared_expert_gate$")
 ARCHITECTURES, LOADED_AS = _load_table()
+
+
+@dataclass(frozen=True)
+class UnsupportedFamily:
+    """
+    An MoE family that cannot be reduced here (``unsupported.yaml``).
+
+    :param model_type: ``config.model_type``
+    :param name: the family's name as users know it
+    :param reason: why its result could not be served
+    :param fix: what to do instead
+    """
+
+    model_type: str
+    name: str
+    reason: str
+    fix: str
+
+
+def _load_unsupported() -> dict[str, UnsupportedFamily]:
+    text = resources.files(__package__).joinpath(UNSUPPORTED_FILENAME).read_text()
+    return {
+        model_type: UnsupportedFamily(model_type=model_type, **row)
+        for model_type, row in yaml.safe_load(text).items()
+    }
+
+
+UNSUPPORTED_FAMILIES = _load_unsupported()
+
+
+class UnsupportedFamilyError(ValueError):
+    """A model of a family in :data:`UNSUPPORTED_FAMILIES`."""
+
+    def __init__(self, family: UnsupportedFamily):
+        self.family = family
+        super().__init__(
+            f"{family.name} (model_type {family.model_type!r}) cannot be reduced: "
+            f"{family.reason}. Fix: {family.fix}"
+        )
 
 
 def text_config(config: PretrainedConfig) -> PretrainedConfig:
@@ -251,11 +308,14 @@ def get_arch_spec(config: PretrainedConfig) -> MoEArchSpec:
     keys, with a warning.
 
     :param config: the model's config (a VL wrapper's text config is used)
+    :raises UnsupportedFamilyError: a family that cannot be reduced, with why
     """
     config = text_config(config)
     spec = ARCHITECTURES.get(config.model_type)
     if spec is not None:
         return spec
+    if config.model_type in UNSUPPORTED_FAMILIES:
+        raise UnsupportedFamilyError(UNSUPPORTED_FAMILIES[config.model_type])
     return detect_spec(config)
 
 

@@ -9,6 +9,9 @@ MoE families here need beyond what transformers and llm-compressor register.
   quantized one is saved per expert under the names vLLM reads
   (:mod:`ream_modifiers.moe.packed_names`), which transformers loads inside
   :func:`per_expert_checkpoints`.
+- Granite-MoE's transformers mapping only renames the hub's fused tensors, so
+  per-expert tensors (what is saved here, and what vLLM reads) would not load
+  back (:func:`register_per_expert_mappings`).
 - Kimi-K2 checkpoints (``model_type: kimi_k2``) load into DeepSeek-V3 classes,
   but transformers keys conversion mappings by model type and has none for
   ``kimi_k2``: its experts would silently stay random
@@ -41,6 +44,7 @@ __all__ = [
     "per_expert_load_conversions",
     "per_expert_checkpoints",
     "register_loaded_as_mappings",
+    "register_per_expert_mappings",
 ]
 
 _EXPERT = "mlp.experts.*"
@@ -168,3 +172,43 @@ def register_loaded_as_mappings() -> None:
             logger.warning(f"transformers has no {native} conversion mapping to reuse")
             continue
         register_checkpoint_conversion_mapping(model_type, mapping)
+
+
+def _per_expert_converters(block: str, experts: str) -> list[WeightTransform]:
+    """Per-expert ``nn.Linear`` tensors -> fused ``gate_up_proj`` [E, 2I, H] (gate
+    rows first) and ``down_proj`` [E, H, I], transformers' default layout."""
+    each = f"{block}.{experts}.*"
+    return [
+        WeightConverter(
+            [f"{each}.gate_proj.weight", f"{each}.up_proj.weight"],
+            f"{block}.{experts}.gate_up_proj",
+            [MergeModulelist(dim=0), Concatenate(dim=1)],
+        ),
+        WeightConverter(
+            f"{each}.down_proj.weight",
+            f"{block}.{experts}.down_proj",
+            [MergeModulelist(dim=0)],
+        ),
+    ]
+
+
+def register_per_expert_mappings() -> None:
+    """
+    Add per-expert converters to the transformers mapping of every family with
+    ``per_expert_load`` (idempotent): its own renames still load hub checkpoints,
+    and results saved per expert load too.
+    """
+    from ream_modifiers.moe.architectures import ARCHITECTURES
+
+    for model_type, spec in ARCHITECTURES.items():
+        if not spec.per_expert_load:
+            continue
+        mapping = list(get_checkpoint_conversion_mapping(model_type) or [])
+        if any(isinstance(c, WeightConverter) for c in mapping):
+            continue  # already registered
+        block = spec.hub_block_attr or "mlp"
+        register_checkpoint_conversion_mapping(
+            model_type,
+            mapping + _per_expert_converters(block, spec.experts_attr),
+            overwrite=True,
+        )

@@ -41,13 +41,16 @@ from ream_modifiers.moe.conversions import (
     fused_save_conversions,
     per_expert_checkpoints,
     register_loaded_as_mappings,
+    register_per_expert_mappings,
 )
 from ream_modifiers.moe.offload import Offload, offload_load_kwargs
 
 __all__ = ["load_moe_model", "load_context_available", "ensure_hub_save_names"]
 
-# importing this module is enough for a plain from_pretrained of Kimi-K2
+# importing this module is enough for a plain from_pretrained of Kimi-K2 and of
+# Granite-MoE results
 register_loaded_as_mappings()
+register_per_expert_mappings()
 
 
 def ensure_hub_save_names(model: PreTrainedModel) -> None:

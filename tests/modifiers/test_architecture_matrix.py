@@ -50,6 +50,13 @@ FAMILIES = [
     "flex_olmo",
     "jamba",
     "afmoe",
+    "qwen3_5_moe_text",
+    "hy_v3",
+    "lfm2_moe",
+    "nemotron_h",
+    "granitemoe",
+    "granitemoeshared",
+    "granitemoehybrid",
 ]
 # every registered method at 25%, with its quick settings for tiny models
 MODIFIERS = {
@@ -135,8 +142,11 @@ def _check_expert_tensors(spec, layers, shapes, quantized):
 def _check_routers(spec, layers, shapes, quant):
     block = _hub_block(spec)
     ignored = set(quant["ignore"]) if quant else set()
+    # Hunyuan-3 stores the router under another name (mlp.router.gate)
+    on_disk = {spec.memory_name(name): name for name in shapes}
     for layer in layers:
-        router = f"{layer}.{block}.{spec.router_attr}"
+        named = spec.memory_name(f"{layer}.{block}.{spec.router_attr}.weight")
+        router = on_disk[named].removesuffix(".weight")
         assert shapes[f"{router}.weight"][0] == KEPT
         assert not any(k.startswith(f"{router}.weight_") for k in shapes)
         gate = spec.shared_expert_gate_attr
@@ -147,7 +157,7 @@ def _check_routers(spec, layers, shapes, quant):
             )
         if quant is None:
             continue
-        memory = f"{layer}.mlp.{spec.router_attr}"
+        memory = named.removesuffix(".weight")
         assert router in ignored or memory in ignored, (router, sorted(ignored))
         if gate:
             assert f"{layer}.mlp.{gate}" in ignored
