@@ -1,8 +1,9 @@
 """
 What every saved checkpoint gets on top of llm-compressor's save: the right expert
 count under every config key, quantized experts under the names vLLM reads where
-the family needs other names than compressed-tensors' (gpt-oss), and the
-per-layer report of what was removed.
+the family needs other names than compressed-tensors' (gpt-oss), the
+per-layer report of what was removed, and a vision-language model's processor
+files from the source model.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ream_modifiers.moe.architectures import get_arch_spec
 from ream_modifiers.moe.edit import patch_saved_config
 from ream_modifiers.moe.offload import disk_offloaded
 from ream_modifiers.moe.packed_names import write_packed_names
+from ream_modifiers.processor_files import copy_processor_files
 
 __all__ = ["REPORT_FILENAME", "record_for_save", "install_save_hook"]
 
@@ -88,3 +90,7 @@ def finish_saved_checkpoint(model: PreTrainedModel, save_directory) -> None:
     if state["reports"]:
         path = Path(save_directory) / REPORT_FILENAME
         path.write_text(json.dumps(state["reports"], indent=2) + "\n")
+    source = model.name_or_path
+    if source and Path(source).resolve() != Path(save_directory).resolve():
+        # a vision-language model is served only with its preprocessing configs
+        copy_processor_files(source, Path(save_directory))

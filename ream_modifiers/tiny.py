@@ -9,6 +9,7 @@ size, so GPTQ runs on them unchanged.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
 from importlib import resources
@@ -17,11 +18,12 @@ from typing import Any
 
 import torch
 import yaml
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, PreTrainedTokenizerFast
 
 from ream_modifiers.data.calibration import bundled_texts
+from ream_modifiers.moe.auto import auto_model_class
 
-__all__ = ["TINY_CONFIGS", "build_tokenizer", "build_tiny_moe"]
+__all__ = ["TINY_CONFIGS", "TINY_PROCESSORS", "build_tokenizer", "build_tiny_moe"]
 
 _RANDOMIZED_SUFFIXES = (
     "e_score_correction_bias",
@@ -48,6 +50,20 @@ def _load_configs() -> dict[str, dict[str, Any]]:
 
 # Per model_type: config kwargs of a 2-MoE-layer model with 8 experts, top-2.
 TINY_CONFIGS: dict[str, dict[str, Any]] = _load_configs()
+# Per multimodal model_type: its preprocessor_config.json (not config kwargs)
+TINY_PROCESSORS: dict[str, dict[str, Any]] = {
+    model_type: entry.pop("processor")
+    for model_type, entry in TINY_CONFIGS.items()
+    if "processor" in entry
+}
+# Families whose hub checkpoints store the fused experts transposed, (experts,
+# in, out), which transformers' save does not restore (its Transpose only
+# swaps a shape that differs from the model's): the tiny model is written so
+_TRANSPOSED_ON_HUB: set[str] = {
+    model_type
+    for model_type, entry in TINY_CONFIGS.items()
+    if entry.pop("hub_transposed_experts", False)
+}
 
 
 def build_tokenizer(
@@ -102,7 +118,7 @@ def build_tiny_moe(
         model_type, **{**TINY_CONFIGS[model_type], **overrides}
     )
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = auto_model_class(config).from_config(config, dtype=dtype)
     with torch.no_grad():
         # selection biases (buffers, or ERNIE's frozen parameter) and the expert
         # and router biases start at zero; random values make pruning and merging
@@ -114,5 +130,23 @@ def build_tiny_moe(
                 tensor.copy_(torch.randn_like(tensor) * 0.05)
     save_dir = Path(save_dir)
     model.save_pretrained(save_dir)
-    build_tokenizer(config.vocab_size).save_pretrained(save_dir)
+    if model_type in _TRANSPOSED_ON_HUB:
+        _transpose_fused_experts(save_dir / "model.safetensors")
+    build_tokenizer(config.get_text_config().vocab_size).save_pretrained(save_dir)
+    if model_type in TINY_PROCESSORS:
+        # a multimodal model's image preprocessing, which vLLM needs to build it
+        (save_dir / "preprocessor_config.json").write_text(
+            json.dumps(TINY_PROCESSORS[model_type], indent=2) + "\n"
+        )
     return save_dir
+
+
+def _transpose_fused_experts(weights: Path) -> None:
+    """Rewrite the fused expert tensors of ``weights`` in the hub's layout."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(weights)
+    for name, tensor in state.items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            state[name] = tensor.transpose(1, 2).contiguous()
+    save_file(state, weights, metadata={"format": "pt"})

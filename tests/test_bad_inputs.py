@@ -139,6 +139,10 @@ def workspace(tmp_path_factory, tiny_model_dir) -> SimpleNamespace:
     for name, config in UNSUPPORTED_CONFIGS.items():
         models[name] = _copy_model(qwen, root / name)
         (models[name] / "config.json").write_text(json.dumps(config))
+    # a vision-language model, and a copy without its image preprocessing
+    models["vl"] = vl = tiny_model_dir("qwen3_vl_moe")
+    models["vl-no-processor"] = _copy_model(vl, root / "vl-no-processor")
+    (models["vl-no-processor"] / "preprocessor_config.json").unlink()
     # 8 experts in 2 groups, a token may use 1 group: 4 reachable, top-3
     models["deepseek-top-3"] = _copy_model(
         deepseek, root / "deepseek-top-3", num_experts_per_tok=3
@@ -330,6 +334,35 @@ CASES = {
         "unrecognized arguments: --sparsity", extra=("--sparsity", "0.5")
     ),
     "num-samples-0": Case("--num-samples must be >= 1", extra=("--num-samples", "0")),
+    # -- image calibration -----------------------------------------------------
+    "images-for-a-text-model": Case(
+        "--images was given, but qwen3_moe has no vision tower",
+        "drop --images",
+        extra=("--images", "bundled"),
+    ),
+    "images-folder-missing": Case(
+        "image calibration source 'no-such-folder' is not a folder",
+        "--images bundled",
+        model="vl",
+        extra=("--images", "no-such-folder"),
+    ),
+    "images-without-preprocessor-config": Case(
+        "has no image processor config",
+        "preprocessor_config.json",
+        model="vl-no-processor",
+        extra=("--images", "bundled"),
+    ),
+    "image-longer-than-a-row": Case(
+        "takes 18 image tokens, more than max_seq_len 16 allows",
+        "--max-seq-len",
+        model="vl",
+        extra=("--images", "bundled"),
+    ),
+    "image-fraction-0": Case(
+        "--image-fraction must be in (0, 1], got 0.0",
+        model="vl",
+        extra=("--images", "bundled", "--image-fraction", "0"),
+    ),
 }
 
 

@@ -95,7 +95,7 @@ def venv_bin(wheel, tmp_path_factory) -> Path:
     return root / "bin"
 
 
-def test_wheel_ships_recipes_and_bundled_text(wheel):
+def test_wheel_ships_recipes_bundled_data_and_tables(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "ream_modifiers/recipes/reap_w4a16.yaml" in names
     for recipe in (REPO / "recipes").glob("*.yaml"):
@@ -104,6 +104,12 @@ def test_wheel_ships_recipes_and_bundled_text(wheel):
     assert bundled
     for text in bundled:
         assert f"ream_modifiers/data/bundled/{text.name}" in names
+    images = sorted((REPO / "ream_modifiers" / "data" / "bundled" / "images").iterdir())
+    assert len(images) == 9  # 8 drawings and their captions
+    for image in images:
+        assert f"ream_modifiers/data/bundled/images/{image.name}" in names
+    for table in ("data/image_prompts.yaml", "moe/unsupported.yaml"):
+        assert f"ream_modifiers/{table}" in names
     # the 15 MB trained fixture stays in the repository
     assert not [name for name in names if "fixture" in name]
 

@@ -16,10 +16,11 @@ import torch
 from llmcompressor import oneshot
 from llmcompressor.core import reset_session
 from llmcompressor.modifiers.quantization import GPTQModifier
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from ream_modifiers.data import build_calibration_dataset
 from ream_modifiers.moe import load_moe_model
+from ream_modifiers.moe.auto import auto_model_class
 from ream_modifiers.moe.conversions import per_expert_checkpoints
 from ream_modifiers.tiny import build_tiny_moe
 from tests.conftest import NUM_SAMPLES, SEQ_LEN
@@ -92,6 +93,22 @@ def compress(
     return out
 
 
+def text_token_limit(config) -> int:
+    """
+    Prompt ids stay below this: the vocabulary, or a vision-language model's
+    first image/video/vision token id (a placeholder without an image would
+    make vLLM look for image inputs).
+    """
+    special = [
+        value
+        for key, value in config.to_dict().items()
+        if key.endswith("token_id")
+        and any(word in key for word in ("image", "video", "vision"))
+        and isinstance(value, int)
+    ]
+    return min([config.get_text_config().vocab_size, *special])
+
+
 def prompts_for(vocab: int, count: int = 4, length: int = 10) -> list[list[int]]:
     generator = torch.Generator().manual_seed(0)
     return torch.randint(3, vocab, (count, length), generator=generator).tolist()
@@ -99,8 +116,11 @@ def prompts_for(vocab: int, count: int = 4, length: int = 10) -> list[list[int]]
 
 def load_transformers(directory: Path, family: str):
     """The checkpoint as transformers loads it, in float32 (int4 dequantized)."""
+    config = AutoConfig.from_pretrained(directory)
     with per_expert_checkpoints(family):
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype_of(family))
+        model = auto_model_class(config).from_pretrained(
+            directory, dtype=dtype_of(family)
+        )
     return model.to(dtype_of(family)).eval()
 
 

@@ -205,7 +205,7 @@ class Batch:
             tokenizer = AutoTokenizer.from_pretrained(directory)
             prompts = [tokenizer(text)["input_ids"] for text in TRAINED_TEXTS]
         else:
-            prompts = harness.prompts_for(model.config.vocab_size)
+            prompts = harness.prompts_for(harness.text_token_limit(model.config))
         return Served(directory, prompts, harness.transformers_greedy(model, prompts))
 
     def _build(self, cell: Cell) -> Path:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ream_modifiers.check.layout import find_blocks, read_shapes
+from ream_modifiers.check.multimodal import check_multimodal
 from ream_modifiers.check.quantization import check_quantization
 from ream_modifiers.check.report import CheckReport
 from ream_modifiers.check.structure import (
@@ -48,11 +49,13 @@ def check_checkpoint(path: str | Path) -> CheckReport:
     nested = isinstance(config.get("text_config"), dict)
     text = config["text_config"] if nested else config
     prefix = "text_config." if nested else ""
-    report.model_type = text.get("model_type")
+    # the wrapper's model_type for a vision-language model (its row is the text's)
+    report.model_type = config.get("model_type") or text.get("model_type")
     spec = _spec(text, report)
     if spec is None:
         return report
     shapes = read_shapes(directory, report)
+    check_multimodal(report, config, shapes, directory)
     blocks, fused = find_blocks(shapes, spec)
     if fused:
         _report_fused(report, fused, spec)

@@ -130,6 +130,7 @@ class _NamePatterns:
     packed: re.Pattern | None
     router: re.Pattern
     bias: re.Pattern | None
+    hub_fused: re.Pattern | None
 
     @classmethod
     def of(cls, spec: MoEArchSpec) -> _NamePatterns:
@@ -156,6 +157,12 @@ class _NamePatterns:
             bias=re.compile(rf"^(?P<block>.+)\.{re.escape(spec.hub_bias)}$")
             if spec.hub_bias
             else None,
+            hub_fused=re.compile(
+                rf"^(?P<block>.+)\.(?P<name>"
+                rf"{'|'.join(map(re.escape, spec.hub_fused_experts))})$"
+            )
+            if spec.hub_fused_experts
+            else None,
         )
 
 
@@ -175,7 +182,12 @@ def find_blocks(
     for disk, shape in shapes.items():
         memory = spec.memory_name(disk)
         tensor = StoredTensor(disk, shape)
-        if (patterns.packed and (match := patterns.packed.match(memory))) or (
+        # three dims, expert index first (Granite's shared MLP has the same names)
+        hub_fused = patterns.hub_fused and len(shape) == 3
+        if hub_fused and (match := patterns.hub_fused.match(disk)):
+            block = blocks.setdefault(match["block"], MoEBlock(match["block"]))
+            block.fused[match["name"]] = tensor
+        elif (patterns.packed and (match := patterns.packed.match(memory))) or (
             match := patterns.expert.match(memory)
         ):
             stored = disk[: disk.rindex(f".{spec.experts_attr}.{match['index']}.")]

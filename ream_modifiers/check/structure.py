@@ -167,9 +167,11 @@ def check_complete(report: CheckReport, block: MoEBlock, spec: MoEArchSpec) -> N
 
 def check_fused(report: CheckReport, block: MoEBlock, spec: MoEArchSpec) -> None:
     """
-    A family whose hub layout is fused (:attr:`MoEArchSpec.fused_experts`)
-    stores unquantized experts in exactly those tensors, each with the same
-    expert count first; compressed-tensors keeps quantized experts per expert.
+    A family whose hub layout is fused (:attr:`MoEArchSpec.fused_experts`, or
+    :attr:`MoEArchSpec.hub_fused_experts` for a hub checkpoint of a family
+    saved per expert here) stores unquantized experts in exactly those tensors,
+    each with the same expert count first; compressed-tensors keeps quantized
+    experts per expert.
     """
     experts = f"{block.name}.{spec.experts_attr}"
     if block.fused and block.experts:
@@ -182,7 +184,8 @@ def check_fused(report: CheckReport, block: MoEBlock, spec: MoEArchSpec) -> None
         )
         return
     if block.fused:
-        missing = [name for name in spec.fused_experts if name not in block.fused]
+        layout = spec.fused_experts or spec.hub_fused_experts
+        missing = [name for name in layout if name not in block.fused]
         if missing:
             report.add(
                 "missing-expert-tensors",

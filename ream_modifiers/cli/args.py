@@ -85,6 +85,17 @@ class CalibrationArguments:
         True,
         "run experts on routed tokens only (faster; REAP/AIMER do not need all)",
     )
+    images: str | None = _option(
+        "auto",
+        "image+caption calibration rows for a vision-language model: 'bundled' "
+        "(8 small drawings), a folder of images with an optional "
+        "captions.jsonl, 'none' (text only), or 'auto' (bundled for a "
+        "vision-language model with an image processor, else none)",
+        metavar="SOURCE",
+    )
+    image_fraction: float = _option(
+        0.25, "share of the calibration rows that carry an image", type=float
+    )
 
 
 @dataclass

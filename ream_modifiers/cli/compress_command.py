@@ -37,7 +37,8 @@ def compress(
     :class:`~ream_modifiers.cli.args.ModelArguments` (``dtype``,
     ``trust_remote_code``), :class:`~ream_modifiers.cli.args.CalibrationArguments`
     (``mix``, ``mix_sources``, ``num_samples``, ``max_seq_len``, ``text_field``,
-    ``packing``, ``chat_template``, ``seed``, ``calibrate_all_experts``),
+    ``packing``, ``chat_template``, ``seed``, ``calibrate_all_experts``,
+    ``images``, ``image_fraction``),
     :class:`~ream_modifiers.cli.args.PipelineArguments` (``offload``,
     ``offload_folder``, ``sequential_targets``,
     ``sequential_targets_per_subgraph``) and
@@ -144,6 +145,11 @@ def _check_options(job: CompressJob) -> None:
                 f"{flag} must be >= 1, got {value}",
                 f"pass a positive {flag} (e.g. --num-samples 512 --max-seq-len 2048)",
             )
+    if not 0 < calibration.image_fraction <= 1:
+        raise InputError(
+            f"--image-fraction must be in (0, 1], got {calibration.image_fraction}",
+            "pass the share of rows that carry an image, e.g. --image-fraction 0.25",
+        )
     if job.output.check_vllm:
         from ream_modifiers.check.vllm_probe import VllmUnavailableError, require_vllm
 
@@ -184,7 +190,59 @@ def _check_before_loading(job: CompressJob, recipe_path: Path) -> list:
         check_mix(calibration.mix, calibration.mix_sources)
     else:
         check_calibration_source(calibration.dataset, calibration.text_field)
+    calibration.images = _resolve_images(job)
     return modifiers
+
+
+def _resolve_images(job: CompressJob) -> str | None:
+    """
+    The image source of the calibration rows (None: text only); an asked-for
+    source needs a vision-language model with an image processor.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ream_modifiers.data.images import (
+        ImageCalibrationError,
+        build_image_rows,
+        captioned_images,
+        check_image_calibration,
+        load_image_processor,
+    )
+
+    images = job.calibration.images
+    if images in (None, "none"):
+        return None
+    args = job.model
+    config = AutoConfig.from_pretrained(
+        args.model, trust_remote_code=args.trust_remote_code
+    )
+
+    def check(source: str) -> None:
+        check_image_calibration(config, source)
+        processor = load_image_processor(args.model, args.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            args.model, trust_remote_code=args.trust_remote_code
+        )
+        # every image once: one that does not fit a row fails here
+        count = len(captioned_images(source))
+        max_seq_len = job.calibration.max_seq_len
+        build_image_rows(config, tokenizer, processor, source, count, max_seq_len)
+
+    if images != "auto":
+        check(images)
+        return images
+    if getattr(config, "vision_config", None) is None:
+        return None
+    try:
+        check("bundled")
+    except ImageCalibrationError as error:
+        logger.warning(
+            f"Calibrating {config.model_type} on text only, so the experts that "
+            f"serve image tokens see none: {error.problem}"
+        )
+        return None
+    logger.info("Vision-language model: the bundled images go into calibration")
+    return "bundled"
 
 
 def _load(job: CompressJob, modifiers: list):

@@ -48,6 +48,12 @@ def compress_loaded_model(
     # counted without onloading: an offloaded model is not read back for this
     parameters_before, bytes_before = parameter_totals(moe_model)
     calibration, calibration_info = _calibration_rows(tokenizer, job.calibration)
+    if job.calibration.images is not None:
+        calibration = _add_image_rows(moe_model, tokenizer, calibration, job)
+        calibration_info["images"] = job.calibration.images
+        calibration_info["image_rows"] = sum(
+            row is not None for row in calibration["pixel_values"]
+        )
     # under torchrun each rank calibrates on its own share of the rows
     shard = shard_for_rank(calibration)
     output = job.output
@@ -104,6 +110,30 @@ def _calibration_rows(
     return calibration, info
 
 
+def _add_image_rows(moe_model, tokenizer, calibration, job: CompressJob):
+    """Replace ``--image-fraction`` of the text rows by image+caption rows."""
+    from ream_modifiers.data.images import (
+        build_image_rows,
+        load_image_processor,
+        with_image_rows,
+    )
+
+    args = job.calibration
+    count = max(1, round(args.image_fraction * len(calibration)))
+    logger.info(f"Building {count} image+caption calibration rows ({args.images})")
+    image_processor = load_image_processor(job.model.model, job.model.trust_remote_code)
+    rows = build_image_rows(
+        moe_model.config,
+        tokenizer,
+        image_processor,
+        args.images,
+        count,
+        args.max_seq_len,
+        seed=args.seed,
+    )
+    return with_image_rows(calibration, rows)
+
+
 def _publish(
     partial: Path,
     job: CompressJob,
@@ -113,7 +143,9 @@ def _publish(
 ) -> None:
     """Write the totals, check the staged checkpoint, then its card."""
     from ream_modifiers.check import check_checkpoint
+    from ream_modifiers.processor_files import copy_processor_files
 
+    copy_processor_files(job.model.model, partial)
     (partial / SUMMARY_FILENAME).write_text(
         json.dumps(asdict(summary), indent=2) + "\n"
     )
@@ -155,6 +187,7 @@ def _run_oneshot(
     from llmcompressor import oneshot
     from llmcompressor.recipe import Recipe
 
+    from ream_modifiers.data.images import collate_calibration_row
     from ream_modifiers.modifiers.sequential import split_at_expert_reduction
 
     pipeline = job.pipeline
@@ -165,6 +198,9 @@ def _run_oneshot(
         max_seq_length=job.calibration.max_seq_len,
         moe_calibrate_all_experts=job.calibration.calibrate_all_experts,
     )
+    if job.calibration.images is not None:
+        # rows with pixel values and their patch grid, one per batch
+        common["data_collator"] = collate_calibration_row
     if not pipeline.sequential_targets:
         oneshot(
             model=moe_model, recipe=str(recipe_path), output_dir=str(output), **common

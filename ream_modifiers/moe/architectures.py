@@ -103,6 +103,11 @@ class MoEArchSpec:
         layout (gpt-oss); empty where the hub stores one tensor per expert and
         projection. An unquantized result is saved in this layout; a quantized
         one keeps compressed-tensors' per-expert tensors
+    :param hub_fused_experts: for a family whose hub checkpoints store all
+        experts of a layer in a few tensors that vLLM reads, while results are
+        saved per expert (which vLLM reads too): those tensors' names after the
+        block as stored (Granite-MoE's ``input_linear.weight``, Qwen3-VL-MoE's
+        ``experts.gate_up_proj``). The checker accepts either layout
     :param packed_expert_names: for a family whose vLLM loader reads quantized
         experts only under fused per-expert names, their (gate/up, down) prefixes:
         gpt-oss's ``experts.{i}.w13_weight_packed`` (gate and up rows interleaved)
@@ -111,12 +116,12 @@ class MoEArchSpec:
         compressed-tensors' per-projection names
     :param intermediate_size_key: config key of one routed expert's width, which
         vLLM sizes every expert tensor from
-    :param per_expert_load: whether transformers needs a mapping from per-expert
-        tensors (``<block>.experts.{i}.gate_proj.weight``, which vLLM reads and
-        what is saved here) to the fused experts class: its own mapping for the
-        family only renames the hub's fused tensors (Granite-MoE's
-        ``input_linear``), so a saved result would not load back
-        (:func:`ream_modifiers.moe.conversions.register_per_expert_mappings`)
+    :param per_expert_load: whether transformers needs per-expert converters to
+        load what is saved here (``<block>.experts.{i}.gate_proj.weight``, which
+        vLLM reads): its own mapping for the family only renames or transposes
+        the hub's fused tensors (Granite-MoE's ``input_linear``, Qwen3-VL-MoE).
+        ``load_moe_model`` adds them while loading
+        (:func:`ream_modifiers.moe.conversions.per_expert_checkpoints`)
     :param router_quantizable_in_vllm: whether vLLM builds the router as a
         linear layer that a quantization config can target (Qwen3-MoE's gate,
         Hunyuan's ``gate.wg``); elsewhere it is always unquantized
@@ -147,6 +152,7 @@ class MoEArchSpec:
     hub_block_attr: str | None = None
     hub_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     fused_experts: tuple[str, ...] = ()
+    hub_fused_experts: tuple[str, ...] = ()
     packed_expert_names: tuple[str, str] | None = None
     intermediate_size_key: str = "moe_intermediate_size"
     router_quantizable_in_vllm: bool = False

@@ -9,9 +9,10 @@ MoE families here need beyond what transformers and llm-compressor register.
   quantized one is saved per expert under the names vLLM reads
   (:mod:`ream_modifiers.moe.packed_names`), which transformers loads inside
   :func:`per_expert_checkpoints`.
-- Granite-MoE's transformers mapping only renames the hub's fused tensors, so
-  per-expert tensors (what is saved here, and what vLLM reads) would not load
-  back (:func:`register_per_expert_mappings`).
+- Granite-MoE's and Qwen3-VL-MoE's transformers mappings only rename or
+  transpose the hub's fused tensors, so per-expert tensors (what is saved
+  here, and what vLLM reads) load back only inside
+  :func:`per_expert_checkpoints`.
 - Kimi-K2 checkpoints (``model_type: kimi_k2``) load into DeepSeek-V3 classes,
   but transformers keys conversion mappings by model type and has none for
   ``kimi_k2``: its experts would silently stay random
@@ -44,7 +45,6 @@ __all__ = [
     "per_expert_load_conversions",
     "per_expert_checkpoints",
     "register_loaded_as_mappings",
-    "register_per_expert_mappings",
 ]
 
 _EXPERT = "mlp.experts.*"
@@ -125,31 +125,38 @@ def fused_save_conversions() -> list[WeightTransform]:
 def per_expert_checkpoints(model_type: str = "gpt_oss") -> Iterator[None]:
     """
     Within the block, transformers loads ``model_type`` checkpoints whose experts
-    are stored per expert into the fused experts class: quantized gpt-oss as
-    written here (``mlp.experts.{i}.w13_weight_packed``, the names vLLM reads;
-    :mod:`ream_modifiers.moe.packed_names`) or as llm-compressor writes it
-    (``mlp.experts.{i}.gate_proj.weight_packed``), or unquantized per expert.
+    are stored per expert into the fused experts class: for families with
+    ``per_expert_load``, unquantized or as compressed-tensors packs them; for
+    gpt-oss, quantized as written here (``mlp.experts.{i}.w13_weight_packed``,
+    the names vLLM reads; :mod:`ream_modifiers.moe.packed_names`) or as
+    llm-compressor writes it (``mlp.experts.{i}.gate_proj.weight_packed``), or
+    unquantized per expert.
     The previous mapping is restored on exit: registered for good, it would also
     make transformers save fused gpt-oss models per expert.
 
     :param model_type: the family (only those whose hub layout is fused, gpt-oss,
-        need this)
+        and those with ``per_expert_load``, Granite-MoE and Qwen3-VL-MoE, need
+        this)
     """
     from ream_modifiers.moe.architectures import ARCHITECTURES
     from ream_modifiers.moe.packed_names import packed_names_load_conversions
 
     spec = ARCHITECTURES.get(model_type)
-    if spec is None or not spec.fused_on_disk:
+    if spec is None or not (spec.fused_on_disk or spec.per_expert_load):
         yield
         return
 
     previous = get_checkpoint_conversion_mapping(model_type)
-    register_checkpoint_conversion_mapping(
-        model_type,
-        per_expert_load_conversions()
-        + packed_names_load_conversions(ARCHITECTURES[model_type]),
-        overwrite=True,
-    )
+    if spec.fused_on_disk:
+        conversions = per_expert_load_conversions() + packed_names_load_conversions(
+            spec
+        )
+    else:
+        # the family's own renames still apply to the other tensors
+        conversions = list(previous or []) + _per_expert_converters(
+            spec.hub_block_attr or "mlp", spec.experts_attr
+        )
+    register_checkpoint_conversion_mapping(model_type, conversions, overwrite=True)
     try:
         yield
     finally:
@@ -190,25 +197,3 @@ def _per_expert_converters(block: str, experts: str) -> list[WeightTransform]:
             [MergeModulelist(dim=0)],
         ),
     ]
-
-
-def register_per_expert_mappings() -> None:
-    """
-    Add per-expert converters to the transformers mapping of every family with
-    ``per_expert_load`` (idempotent): its own renames still load hub checkpoints,
-    and results saved per expert load too.
-    """
-    from ream_modifiers.moe.architectures import ARCHITECTURES
-
-    for model_type, spec in ARCHITECTURES.items():
-        if not spec.per_expert_load:
-            continue
-        mapping = list(get_checkpoint_conversion_mapping(model_type) or [])
-        if any(isinstance(c, WeightConverter) for c in mapping):
-            continue  # already registered
-        block = spec.hub_block_attr or "mlp"
-        register_checkpoint_conversion_mapping(
-            model_type,
-            mapping + _per_expert_converters(block, spec.experts_attr),
-            overwrite=True,
-        )

@@ -23,7 +23,6 @@ from llmcompressor.modeling.moe.linearize import (
 from loguru import logger
 from transformers import (
     AutoConfig,
-    AutoModelForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
 )
@@ -37,20 +36,18 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.monkey_patching import clear_patch_mapping
 
 from ream_modifiers.moe.architectures import LOADED_AS, get_arch_spec, text_config
+from ream_modifiers.moe.auto import auto_model_class
 from ream_modifiers.moe.conversions import (
     fused_save_conversions,
     per_expert_checkpoints,
     register_loaded_as_mappings,
-    register_per_expert_mappings,
 )
 from ream_modifiers.moe.offload import Offload, offload_load_kwargs
 
 __all__ = ["load_moe_model", "load_context_available", "ensure_hub_save_names"]
 
-# importing this module is enough for a plain from_pretrained of Kimi-K2 and of
-# Granite-MoE results
+# importing this module is enough for a plain from_pretrained of Kimi-K2
 register_loaded_as_mappings()
-register_per_expert_mappings()
 
 
 def ensure_hub_save_names(model: PreTrainedModel) -> None:
@@ -272,8 +269,13 @@ def _load_checked(model_id, dtype, kwargs: dict) -> PreTrainedModel:
     ``load_context()`` post-processes the returned model and would crash on the
     ``(model, info)`` tuple.
     """
+    config = kwargs.get("config") or AutoConfig.from_pretrained(
+        model_id, trust_remote_code=kwargs.get("trust_remote_code", False)
+    )
     with _captured_loading_info() as infos:
-        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, **kwargs)
+        model = auto_model_class(config).from_pretrained(
+            model_id, dtype=dtype, **kwargs
+        )
     if not infos:
         logger.warning(
             f"{model_id}: transformers reported no loading info; missing weights "

@@ -19,11 +19,12 @@ import torch
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import GPTQModifier
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig
 
 from ream_modifiers.check import check_checkpoint
 from ream_modifiers.moe import MoEModelError, find_moe_layers
 from ream_modifiers.moe.architectures import ARCHITECTURES, MoEArchSpec
+from ream_modifiers.moe.auto import auto_model_class
 from ream_modifiers.moe.conversions import per_expert_checkpoints
 from ream_modifiers.registry import methods
 from ream_modifiers.saving import REPORT_FILENAME
@@ -57,6 +58,7 @@ FAMILIES = [
     "granitemoe",
     "granitemoeshared",
     "granitemoehybrid",
+    "qwen3_vl_moe",
 ]
 # every registered method at 25%, with its quick settings for tiny models
 MODIFIERS = {
@@ -164,6 +166,7 @@ def _check_routers(spec, layers, shapes, quant):
 
 
 def _check_config(spec, config):
+    config = config.get("text_config", config)  # a VL wrapper's language model
     for key in spec.num_experts_keys:
         assert config[key] == KEPT, key
     for key in COUNT_KEYS & set(config):
@@ -179,8 +182,9 @@ def _check_config(spec, config):
 
 
 def _reload(path: Path, family: str):
+    config = AutoConfig.from_pretrained(path)
     with per_expert_checkpoints(family):
-        model, info = AutoModelForCausalLM.from_pretrained(
+        model, info = auto_model_class(config).from_pretrained(
             path, output_loading_info=True
         )
     assert not info["missing_keys"] and not info["unexpected_keys"], info

@@ -29,7 +29,15 @@ class _Unavailable:
         raise RuntimeError(f"{self._name} is a test stub: torchvision is absent")
 
     def __getattr__(self, attribute: str) -> _Unavailable:
+        if attribute.startswith("__"):
+            raise AttributeError(attribute)
         return _Unavailable(f"{self._name}.{attribute}")
+
+    # type hints such as ``PILImageResampling | InterpolationMode``
+    def __or__(self, other: object) -> _Unavailable:
+        return self
+
+    __ror__ = __or__
 
 
 class _StubModule(types.ModuleType):
