@@ -22,7 +22,7 @@ from ream_modifiers.data import build_calibration_dataset
 from ream_modifiers.moe import load_moe_model
 from ream_modifiers.moe.auto import auto_model_class
 from ream_modifiers.moe.conversions import per_expert_checkpoints
-from ream_modifiers.tiny import build_tiny_moe
+from ream_modifiers.tiny import TINY_CONFIGS, build_tiny_moe
 from tests.conftest import NUM_SAMPLES, SEQ_LEN
 
 ROOT = Path(__file__).parents[1]
@@ -51,8 +51,25 @@ VLLM_OVERRIDES: dict[str, dict] = {
     "qwen3_5_moe_text": dict(
         head_dim=128, linear_key_head_dim=128, linear_value_head_dim=128
     ),
+    # its text config's (a quarter of 128 rotary dims: 16 frequency pairs)
+    "qwen3_5_moe": dict(
+        head_dim=128,
+        linear_key_head_dim=128,
+        linear_value_head_dim=128,
+        rope_parameters=dict(
+            rope_type="default",
+            rope_theta=10000.0,
+            partial_rotary_factor=0.25,
+            mrope_section=[6, 5, 5],
+            mrope_interleaved=True,
+        ),
+    ),
 }
-DTYPES = {"qwen3_next": torch.bfloat16, "qwen3_5_moe_text": torch.bfloat16}
+DTYPES = {
+    "qwen3_next": torch.bfloat16,
+    "qwen3_5_moe_text": torch.bfloat16,
+    "qwen3_5_moe": torch.bfloat16,
+}
 
 
 def dtype_of(family: str) -> torch.dtype:
@@ -60,9 +77,11 @@ def dtype_of(family: str) -> torch.dtype:
 
 
 def build_original(family: str, directory: Path) -> Path:
-    return build_tiny_moe(
-        family, directory, dtype=dtype_of(family), **VLLM_OVERRIDES.get(family, {})
-    )
+    overrides = VLLM_OVERRIDES.get(family, {})
+    text = TINY_CONFIGS[family].get("text_config")
+    if text is not None and overrides:  # a wrapper: they apply to its text model
+        overrides = {"text_config": {**text, **overrides}}
+    return build_tiny_moe(family, directory, dtype=dtype_of(family), **overrides)
 
 
 def compress(

@@ -65,6 +65,7 @@ NOISY = {
     # its linear attention runs in bfloat16 only on vLLM's CPU build
     "qwen3_next": ("bfloat16", 0.2),
     "qwen3_5_moe_text": ("bfloat16", 0.2),
+    "qwen3_5_moe": ("bfloat16", 0.2),
 }
 FLOOR = 1e-4  # float32, exact families
 # Families whose uncompressed tiny model vLLM's CPU build loads (strictly) but

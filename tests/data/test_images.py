@@ -146,7 +146,10 @@ def test_only_one_row_per_batch():
         collate_calibration_row([{}, {}])
 
 
-def test_compress_calibrates_a_vision_model_on_image_rows(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("family", [VL, "qwen3_5_moe"])
+def test_compress_calibrates_a_vision_model_on_image_rows(
+    tiny_model_dir, tmp_path, family
+):
     """By default (``images="auto"``): the bundled images, where they fit."""
     from llmcompressor.core import reset_session
 
@@ -155,7 +158,7 @@ def test_compress_calibrates_a_vision_model_on_image_rows(tiny_model_dir, tmp_pa
     out = tmp_path / "out"
     reset_session()
     compress(
-        "reap_w4a16", str(tiny_model_dir(VL)), "bundled", str(out),
+        "reap_w4a16", str(tiny_model_dir(family)), "bundled", str(out),
         num_samples=8, max_seq_len=32, image_fraction=0.5,
     )  # fmt: skip
     reset_session()

@@ -59,6 +59,7 @@ FAMILIES = [
     "granitemoeshared",
     "granitemoehybrid",
     "qwen3_vl_moe",
+    "qwen3_5_moe",
 ]
 # every registered method at 25%, with its quick settings for tiny models
 MODIFIERS = {
