@@ -17,8 +17,9 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from ream_modifiers.distributed import is_source_process
-from ream_modifiers.moe.architectures import get_arch_spec
+from ream_modifiers.moe.architectures import get_arch_spec, text_config
 from ream_modifiers.moe.edit import patch_saved_config
+from ream_modifiers.moe.mtp import carry_mtp_layers
 from ream_modifiers.moe.offload import disk_offloaded
 from ream_modifiers.moe.packed_names import write_packed_names
 from ream_modifiers.processor_files import copy_processor_files
@@ -87,10 +88,29 @@ def finish_saved_checkpoint(model: PreTrainedModel, save_directory) -> None:
     spec = get_arch_spec(model.config)
     if spec.packed_expert_names:
         write_packed_names(save_directory, spec)
-    if state["reports"]:
-        path = Path(save_directory) / REPORT_FILENAME
-        path.write_text(json.dumps(state["reports"], indent=2) + "\n")
     source = model.name_or_path
+    mtp = {}
     if source and Path(source).resolve() != Path(save_directory).resolve():
         # a vision-language model is served only with its preprocessing configs
         copy_processor_files(source, Path(save_directory))
+        if spec.mtp_layers_key and Path(source).is_dir():
+            mtp = _carry_mtp(model, spec, Path(source), Path(save_directory))
+    if state["reports"]:
+        if mtp:
+            state["reports"][-1]["mtp_layers"] = mtp
+        path = Path(save_directory) / REPORT_FILENAME
+        path.write_text(json.dumps(state["reports"], indent=2) + "\n")
+
+
+def _carry_mtp(model, spec, source: Path, target: Path) -> dict[str, Any]:
+    """The source's MTP layers, reduced to the saved model's expert count."""
+    text = text_config(model.config)
+    n_group, _ = spec.groups(lambda key: getattr(text, key, None))
+    return carry_mtp_layers(
+        source,
+        target,
+        spec,
+        text.to_dict(),
+        kept_count=getattr(text, spec.num_experts_key),
+        n_group=n_group,
+    )

@@ -21,6 +21,7 @@ import yaml
 from transformers import AutoConfig, PreTrainedTokenizerFast
 
 from ream_modifiers.data.calibration import bundled_texts
+from ream_modifiers.moe.architectures import ARCHITECTURES
 from ream_modifiers.moe.auto import auto_model_class
 
 __all__ = ["TINY_CONFIGS", "TINY_PROCESSORS", "build_tokenizer", "build_tiny_moe"]
@@ -98,6 +99,7 @@ def build_tiny_moe(
     save_dir: str | os.PathLike,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    mtp_layers: int = 0,
     **overrides: Any,
 ) -> Path:
     """
@@ -108,28 +110,26 @@ def build_tiny_moe(
     :param model_type: a key of :data:`TINY_CONFIGS`
     :param save_dir: where to save the model and tokenizer
     :param seed: weights seed
+    :param mtp_layers: MTP layers to store after the trunk, in the hub layout
+        (families with ``mtp_layers_key`` in the architecture table)
     :param overrides: config kwargs overriding the tiny defaults
     """
     if model_type not in TINY_CONFIGS:
         raise ValueError(
             f"no tiny config for {model_type!r}; have {sorted(TINY_CONFIGS)}"
         )
-    config = AutoConfig.for_model(
-        model_type, **{**TINY_CONFIGS[model_type], **overrides}
-    )
-    torch.manual_seed(seed)
-    model = auto_model_class(config).from_config(config, dtype=dtype)
-    with torch.no_grad():
-        # selection biases (buffers, or ERNIE's frozen parameter) and the expert
-        # and router biases start at zero; random values make pruning and merging
-        # tests notice a bias that does not follow its expert
-        tensors = dict(model.named_buffers())
-        tensors.update(model.named_parameters())
-        for name, tensor in tensors.items():
-            if name.endswith(_RANDOMIZED_SUFFIXES):
-                tensor.copy_(torch.randn_like(tensor) * 0.05)
+    kwargs = {**TINY_CONFIGS[model_type], **overrides}
+    spec = ARCHITECTURES.get(model_type)
+    if mtp_layers:
+        if spec is None or spec.mtp_layers_key is None:
+            raise ValueError(f"{model_type} has no MTP layers in the table")
+        kwargs[spec.mtp_layers_key] = mtp_layers
+    config = AutoConfig.for_model(model_type, **kwargs)
+    model = _random_model(config, seed, dtype)
     save_dir = Path(save_dir)
     model.save_pretrained(save_dir)
+    if mtp_layers:
+        _append_mtp_layers(model_type, kwargs, save_dir, seed, dtype)
     if model_type in _TRANSPOSED_ON_HUB:
         _transpose_fused_experts(save_dir / "model.safetensors")
     build_tokenizer(config.get_text_config().vocab_size).save_pretrained(save_dir)
@@ -149,4 +149,61 @@ def _transpose_fused_experts(weights: Path) -> None:
     for name, tensor in state.items():
         if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
             state[name] = tensor.transpose(1, 2).contiguous()
+    save_file(state, weights, metadata={"format": "pt"})
+
+
+def _random_model(config, seed: int, dtype: torch.dtype):
+    torch.manual_seed(seed)
+    model = auto_model_class(config).from_config(config, dtype=dtype)
+    with torch.no_grad():
+        # selection biases (buffers, or ERNIE's frozen parameter) and the expert
+        # and router biases start at zero; random values make pruning and merging
+        # tests notice a bias that does not follow its expert
+        tensors = dict(model.named_buffers())
+        tensors.update(model.named_parameters())
+        for name, tensor in tensors.items():
+            if name.endswith(_RANDOMIZED_SUFFIXES):
+                tensor.copy_(torch.randn_like(tensor) * 0.05)
+    return model
+
+
+def _append_mtp_layers(
+    model_type: str, kwargs: dict[str, Any], save_dir: Path, seed: int, dtype
+) -> None:
+    """
+    Add MTP layers to the saved checkpoint as the hub stores them: decoder
+    layers ``num_hidden_layers + i`` (taken from a deeper random model, so they
+    carry the family's hub names) with ``enorm``, ``hnorm``, ``eh_proj``,
+    ``shared_head`` and their own ``embed_tokens``.
+    """
+    import tempfile
+
+    from safetensors.torch import load_file, save_file
+
+    spec = ARCHITECTURES[model_type]
+    trunk, count = kwargs["num_hidden_layers"], kwargs[spec.mtp_layers_key]
+    deeper = AutoConfig.for_model(
+        model_type, **{**kwargs, "num_hidden_layers": trunk + count}
+    )
+    with tempfile.TemporaryDirectory() as scratch:
+        _random_model(deeper, seed + 1, dtype).save_pretrained(scratch)
+        extra = load_file(Path(scratch) / "model.safetensors")
+    weights = save_dir / "model.safetensors"
+    state = load_file(weights)
+    hidden, vocab = deeper.hidden_size, deeper.vocab_size
+    generator = torch.Generator().manual_seed(seed + 2)
+    for index in range(trunk, trunk + count):
+        prefix = f"model.layers.{index}."
+        state.update({k: v for k, v in extra.items() if k.startswith(prefix)})
+        random = {
+            "eh_proj.weight": (hidden, 2 * hidden),
+            "shared_head.head.weight": (vocab, hidden),
+            "embed_tokens.weight": (vocab, hidden),
+        }
+        for name, shape in random.items():
+            state[prefix + name] = (torch.randn(shape, generator=generator) * 0.05).to(
+                dtype
+            )
+        for name in ("enorm.weight", "hnorm.weight", "shared_head.norm.weight"):
+            state[prefix + name] = torch.ones(hidden, dtype=dtype)
     save_file(state, weights, metadata={"format": "pt"})

@@ -76,12 +76,14 @@ def dtype_of(family: str) -> torch.dtype:
     return DTYPES.get(family, torch.float32)
 
 
-def build_original(family: str, directory: Path) -> Path:
+def build_original(family: str, directory: Path, mtp_layers: int = 0) -> Path:
     overrides = VLLM_OVERRIDES.get(family, {})
     text = TINY_CONFIGS[family].get("text_config")
     if text is not None and overrides:  # a wrapper: they apply to its text model
         overrides = {"text_config": {**text, **overrides}}
-    return build_tiny_moe(family, directory, dtype=dtype_of(family), **overrides)
+    return build_tiny_moe(
+        family, directory, dtype=dtype_of(family), mtp_layers=mtp_layers, **overrides
+    )
 
 
 def compress(

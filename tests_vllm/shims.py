@@ -5,7 +5,8 @@ replaces the smallest piece of vLLM that has no CPU implementation here, and
 none touches how vLLM reads a checkpoint: config parsing, the
 compressed-tensors ignore list, the per-expert ``weight_packed``/``weight_scale``
 loading, w13 stacking and the router's weights are vLLM's own code in every
-test. The fourth makes vLLM's strict weight tracking exact.
+test. The fourth makes vLLM's strict weight tracking exact; the fifth lets
+an unquantized MoE layer (a carried MTP layer) sit beside the int4 ones.
 
 1. :func:`run_int4_experts_in_pytorch`. vLLM has no int4 (W4A16) MoE kernel for
    x86 CPUs without AMX: ``fused_moe/oracle/int_wna16.py`` offers only ZEN_CPU
@@ -218,9 +219,34 @@ def track_aliased_parameters() -> None:
     DefaultModelLoader.track_weights_loading = track_weights_loading
 
 
+def unquantized_experts_ignore_emulation() -> None:
+    """
+    5. The worker's ``moe_backend="emulation"`` (1.) reaches every MoE layer,
+    and an unquantized one (an MTP layer that a W4A16 checkpoint keeps out of
+    quantization) refuses it in ``oracle/unquantized.py``, which lets only the
+    quantization-only ``humming`` fall through to ``auto``. The patch lets
+    ``emulation`` fall through the same way; on a GPU no backend is forced.
+    """
+    import dataclasses
+
+    from vllm.model_executor.layers.fused_moe import unquantized_fused_moe_method
+    from vllm.model_executor.layers.fused_moe.oracle import unquantized
+
+    select = unquantized.select_unquantized_moe_backend
+
+    def select_falling_through(moe_config):
+        if moe_config.moe_backend == "emulation":
+            moe_config = dataclasses.replace(moe_config, moe_backend="auto")
+        return select(moe_config)
+
+    unquantized.select_unquantized_moe_backend = select_falling_through
+    unquantized_fused_moe_method.select_unquantized_moe_backend = select_falling_through
+
+
 def install() -> None:
-    """All four; each changes only what is described above."""
+    """All five; each changes only what is described above."""
     run_int4_experts_in_pytorch()
     dequantize_in_float32()
     route_with_selection_bias()
     track_aliased_parameters()
+    unquantized_experts_ignore_emulation()

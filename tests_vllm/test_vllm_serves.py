@@ -90,6 +90,10 @@ CPU_REFUSES = {
 }
 SERVED_FAMILIES = [f for f in FAMILIES if f not in CPU_REFUSES]
 TRAINED = harness.ROOT / "benchmarks" / "fixture" / "model"
+# a tiny DeepSeek-V3 with one MTP layer (model.layers.3), and vLLM's MTP
+# speculative decoding for the cells that ask for it
+MTP_FAMILY = "deepseek_v3+mtp"
+MTP_DECODING = {"method": "deepseek_mtp", "num_speculative_tokens": 1}
 TRAINED_TEXTS = ("ROMEO: But soft, what light", "def fibonacci(n):\n    ", "12 + 35 = ")
 
 
@@ -154,6 +158,7 @@ class Batch:
                 "tokens": harness.TOKENS,
                 "dtype": str(self._dtype(c)).removeprefix("torch."),
                 "tracking": "as_shipped" if c.method in AS_SHIPPED else "exact",
+                "speculative": MTP_DECODING if c.method in SPECULATIVE else None,
             }
             for c, s in self.served.items()
         ]
@@ -183,21 +188,20 @@ class Batch:
 
     @staticmethod
     def _dtype(cell: Cell) -> torch.dtype:
-        return (
-            torch.float32 if cell.family == "trained" else harness.dtype_of(cell.family)
-        )
+        return harness.dtype_of(_transformers_family(cell))
 
     def _load(self, cell: Cell, directory: Path):
-        family = "qwen3_moe" if cell.family == "trained" else cell.family
-        return harness.load_transformers(directory, family)
+        return harness.load_transformers(directory, _transformers_family(cell))
 
     def _original(self, family: str) -> Path:
         if family == "trained":
             return TRAINED
         directory = self.root / f"{family}-original"
-        if not directory.exists():
-            harness.build_original(family, directory)
-        return directory
+        if directory.exists():
+            return directory
+        if family == MTP_FAMILY:
+            return harness.build_original("deepseek_v3", directory, mtp_layers=1)
+        return harness.build_original(family, directory)
 
     def _prepare(self, cell: Cell) -> Served:
         directory = self._build(cell)
@@ -220,6 +224,30 @@ class Batch:
                 original, cell.family, MODIFIERS[cell.method], quantized, out
             )
         return CASES[cell.method](original, cell, out)
+
+
+def _transformers_family(cell: Cell) -> str:
+    """The family transformers loads a cell's checkpoint as."""
+    return {"trained": "qwen3_moe", MTP_FAMILY: "deepseek_v3"}.get(
+        cell.family, cell.family
+    )
+
+
+def _mtp_reap(original: Path, cell: Cell, out: Path) -> Path:
+    """REAP 25% + W4A16 of a model with an MTP layer, which the save carries."""
+    return harness.compress(original, "deepseek_v3", MODIFIERS["reap"], True, out)
+
+
+def _mtp_dropped(original: Path, cell: Cell, out: Path) -> Path:
+    """The same without the MTP layer, as a save that does not carry it leaves it."""
+    _mtp_reap(original, cell, out)
+    index = out / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"]
+    for shard in out.glob("model-mtp-*.safetensors"):
+        shard.unlink()
+    kept = {n: f for n, f in weight_map.items() if not f.startswith("model-mtp-")}
+    index.write_text(json.dumps({"metadata": {}, "weight_map": kept}))
+    return out
 
 
 def _reap(original: Path, cell: Cell, out: Path) -> Path:
@@ -265,7 +293,10 @@ def _quantized_only(original: Path, cell: Cell, out: Path) -> Path:
 
 # cases vLLM loads with its weight tracking as shipped (no alias correction)
 AS_SHIPPED = {"quantized_only_as_shipped"}
+# cases vLLM runs with MTP speculative decoding
+SPECULATIVE = {"mtp_reap_speculative", "mtp_dropped"}
 REFUSED = {
+    "mtp_dropped",
     "missing_tensor",
     "per_projection_names",
     "quantized_only_as_shipped",
@@ -279,6 +310,9 @@ CASES = {
     "quantized_only": _quantized_only,
     "quantized_only_as_shipped": _quantized_only,
     "cpu_refused": _reap,
+    "mtp_reap": _mtp_reap,
+    "mtp_reap_speculative": _mtp_reap,
+    "mtp_dropped": _mtp_dropped,
 }
 
 
@@ -339,6 +373,38 @@ def test_trained_fixture_outputs_match(batch):
     """The trained fixture (real routing, not random weights), 25% removed."""
     for method in ("trained_reap", "trained_ream"):
         _assert_serves(batch, Cell("trained", method))
+
+
+@pytest.mark.cells(
+    Cell(MTP_FAMILY, "mtp_reap", "w4a16"),
+    Cell(MTP_FAMILY, "mtp_reap_speculative", "w4a16"),
+    Cell(MTP_FAMILY, "mtp_dropped", "w4a16"),
+)
+def test_mtp_layers_carried_serve_speculative_decoding(batch):
+    """
+    A DeepSeek-V3 with an MTP layer, REAP 25% + W4A16: the save carries the MTP
+    layer (reduced to 6 experts, unquantized), and vLLM runs it as the draft
+    of MTP speculative decoding. The target model's logits at the tokens it
+    accepted are transformers' within the MLA floor, as without drafting
+    (token equality is not asserted: on these nearly flat logits, MLA's CPU
+    numerics in a multi-token verification step flip near-ties). Without the
+    MTP layer, as a save that drops it leaves the checkpoint, vLLM refuses
+    speculative decoding.
+    """
+    plain = batch.served[Cell(MTP_FAMILY, "mtp_reap", "w4a16")]
+    drafted = batch.served[Cell(MTP_FAMILY, "mtp_reap_speculative", "w4a16")]
+    floor = NOISY["deepseek_v3"][1]
+    for served in (plain, drafted):
+        assert served.vllm["ok"], served.vllm.get("error")
+        assert served.gap <= floor, served.gap
+    assert check_checkpoint(drafted.directory).experts_per_layer == {
+        "model.layers.1.mlp": 6,
+        "model.layers.2.mlp": 6,
+        "model.layers.3.mlp": 6,
+    }
+    dropped = batch.served[Cell(MTP_FAMILY, "mtp_dropped", "w4a16")]
+    assert not dropped.vllm["ok"]
+    assert "MTP speculative decoding layer 3 weights missing" in dropped.vllm["error"]
 
 
 @pytest.mark.cells(Cell("qwen3_moe", "missing_tensor"))

@@ -7,8 +7,10 @@ once per batch, and prints one JSON line per checkpoint.
     .venv-vllm/bin/python tests_vllm/vllm_generate.py JOBS_JSON
 
 JOBS_JSON holds ``[{"model": DIR, "prompts": [[token ids], ...], "tokens": N,
-"dtype": "float32", "tracking": "exact"}]`` (``"as_shipped"``: vLLM's weight
-tracking without :func:`shims.track_aliased_parameters`),
+"dtype": "float32", "tracking": "exact", "speculative": {...}}]``
+(``"as_shipped"``: vLLM's weight tracking without
+:func:`shims.track_aliased_parameters`; ``speculative``: vLLM's
+``speculative_config``, e.g. MTP, if any),
 so vLLM sees exactly the ids the transformers side used. Each output line has
 the checkpoint, ``ok``, the greedy tokens and, per generated position, vLLM's
 raw logits of its top ``LOGITS`` tokens (``logprobs_mode`` ``raw_logits``) for a
@@ -49,11 +51,19 @@ def _int4(model: str) -> bool:
     )
 
 
-def generate(model: str, prompts: list[list[int]], tokens: int, dtype: str) -> dict:
+def generate(
+    model: str,
+    prompts: list[list[int]],
+    tokens: int,
+    dtype: str,
+    speculative: dict | None = None,
+) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     extra = {"moe_backend": "emulation"} if _int4(model) else {}
+    if speculative is not None:
+        extra["speculative_config"] = speculative
     llm = LLM(
         model=model,
         dtype=dtype,
@@ -97,7 +107,11 @@ def main(jobs_path: str) -> None:
         shims.CORRECT_TRACKING = job.get("tracking", "exact") == "exact"
         try:
             result = generate(
-                job["model"], job["prompts"], job["tokens"], job.get("dtype", "float32")
+                job["model"],
+                job["prompts"],
+                job["tokens"],
+                job.get("dtype", "float32"),
+                job.get("speculative"),
             )
             result["ok"] = True
         except Exception as error:  # noqa: BLE001 - reported per checkpoint

@@ -108,6 +108,10 @@ class MoEArchSpec:
         saved per expert (which vLLM reads too): those tensors' names after the
         block as stored (Granite-MoE's ``input_linear.weight``, Qwen3-VL-MoE's
         ``experts.gate_up_proj``). The checker accepts either layout
+    :param mtp_layers_key: config key of the number of MTP layers stored after
+        the trunk as ``model.layers.{num_hidden_layers + i}`` (DeepSeek-V3's
+        ``num_nextn_predict_layers``), which :mod:`ream_modifiers.moe.mtp`
+        carries into the output; None where the family has none
     :param packed_expert_names: for a family whose vLLM loader reads quantized
         experts only under fused per-expert names, their (gate/up, down) prefixes:
         gpt-oss's ``experts.{i}.w13_weight_packed`` (gate and up rows interleaved)
@@ -153,6 +157,7 @@ class MoEArchSpec:
     hub_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     fused_experts: tuple[str, ...] = ()
     hub_fused_experts: tuple[str, ...] = ()
+    mtp_layers_key: str | None = None
     packed_expert_names: tuple[str, str] | None = None
     intermediate_size_key: str = "moe_intermediate_size"
     router_quantizable_in_vllm: bool = False
