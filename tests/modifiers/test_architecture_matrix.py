@@ -60,6 +60,7 @@ FAMILIES = [
     "granitemoehybrid",
     "qwen3_vl_moe",
     "qwen3_5_moe",
+    "glm4v_moe",
 ]
 # every registered method at 25%, with its quick settings for tiny models
 MODIFIERS = {
