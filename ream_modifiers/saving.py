@@ -93,7 +93,7 @@ def finish_saved_checkpoint(model: PreTrainedModel, save_directory) -> None:
     if source and Path(source).resolve() != Path(save_directory).resolve():
         # a vision-language model is served only with its preprocessing configs
         copy_processor_files(source, Path(save_directory))
-        if spec.mtp_layers_key and Path(source).is_dir():
+        if (spec.mtp_layers_key or spec.mtp_module) and Path(source).is_dir():
             mtp = _carry_mtp(model, spec, Path(source), Path(save_directory))
     if state["reports"]:
         if mtp:

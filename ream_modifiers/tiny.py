@@ -121,9 +121,10 @@ def build_tiny_moe(
     kwargs = {**TINY_CONFIGS[model_type], **overrides}
     spec = ARCHITECTURES.get(model_type)
     if mtp_layers:
-        if spec is None or spec.mtp_layers_key is None:
+        if spec is None or not (spec.mtp_layers_key or spec.mtp_module):
             raise ValueError(f"{model_type} has no MTP layers in the table")
-        kwargs[spec.mtp_layers_key] = mtp_layers
+        # an MTP module's count is a hub key transformers has no field for
+        kwargs[spec.mtp_layers_key or "mtp_num_hidden_layers"] = mtp_layers
     config = AutoConfig.for_model(model_type, **kwargs)
     model = _random_model(config, seed, dtype)
     save_dir = Path(save_dir)
@@ -171,20 +172,26 @@ def _append_mtp_layers(
     model_type: str, kwargs: dict[str, Any], save_dir: Path, seed: int, dtype
 ) -> None:
     """
-    Add MTP layers to the saved checkpoint as the hub stores them: decoder
-    layers ``num_hidden_layers + i`` (taken from a deeper random model, so they
-    carry the family's hub names) with ``enorm``, ``hnorm``, ``eh_proj``,
-    ``shared_head`` and their own ``embed_tokens``.
+    Add MTP layers to the saved checkpoint as the hub stores them, taken from
+    a deeper random model so that they carry the family's hub names: decoder
+    layers ``num_hidden_layers + i`` with ``enorm``, ``hnorm``, ``eh_proj``,
+    ``shared_head`` and their own ``embed_tokens`` (DeepSeek-V3), or an MTP
+    module's ``mtp.layers.{i}`` (full attention) with ``mtp.fc`` and its norms
+    (Qwen3-Next).
     """
     import tempfile
 
     from safetensors.torch import load_file, save_file
 
     spec = ARCHITECTURES[model_type]
-    trunk, count = kwargs["num_hidden_layers"], kwargs[spec.mtp_layers_key]
-    deeper = AutoConfig.for_model(
-        model_type, **{**kwargs, "num_hidden_layers": trunk + count}
-    )
+    count = kwargs[spec.mtp_layers_key or "mtp_num_hidden_layers"]
+    trunk = kwargs["num_hidden_layers"]
+    deeper_kwargs = {**kwargs, "num_hidden_layers": trunk + count}
+    if "layer_types" in kwargs:
+        deeper_kwargs["layer_types"] = [*kwargs["layer_types"]] + [
+            "full_attention"
+        ] * count
+    deeper = AutoConfig.for_model(model_type, **deeper_kwargs)
     with tempfile.TemporaryDirectory() as scratch:
         _random_model(deeper, seed + 1, dtype).save_pretrained(scratch)
         extra = load_file(Path(scratch) / "model.safetensors")
@@ -192,18 +199,30 @@ def _append_mtp_layers(
     state = load_file(weights)
     hidden, vocab = deeper.hidden_size, deeper.vocab_size
     generator = torch.Generator().manual_seed(seed + 2)
-    for index in range(trunk, trunk + count):
-        prefix = f"model.layers.{index}."
-        state.update({k: v for k, v in extra.items() if k.startswith(prefix)})
-        random = {
-            "eh_proj.weight": (hidden, 2 * hidden),
-            "shared_head.head.weight": (vocab, hidden),
-            "embed_tokens.weight": (vocab, hidden),
-        }
-        for name, shape in random.items():
-            state[prefix + name] = (torch.randn(shape, generator=generator) * 0.05).to(
-                dtype
-            )
+
+    def random(shape: tuple[int, ...]) -> torch.Tensor:
+        return (torch.randn(shape, generator=generator) * 0.05).to(dtype)
+
+    module = spec.mtp_module
+    for i in range(count):
+        source = f"model.layers.{trunk + i}."
+        prefix = f"{module}.layers.{i}." if module else source
+        state.update(
+            {
+                prefix + k[len(source) :]: v
+                for k, v in extra.items()
+                if k.startswith(source)
+            }
+        )
+        if module:
+            continue
+        state[prefix + "eh_proj.weight"] = random((hidden, 2 * hidden))
+        state[prefix + "shared_head.head.weight"] = random((vocab, hidden))
+        state[prefix + "embed_tokens.weight"] = random((vocab, hidden))
         for name in ("enorm.weight", "hnorm.weight", "shared_head.norm.weight"):
             state[prefix + name] = torch.ones(hidden, dtype=dtype)
+    if module:
+        state[f"{module}.fc.weight"] = random((hidden, 2 * hidden))
+        for name in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+            state[f"{module}.{name}.weight"] = torch.ones(hidden, dtype=dtype)
     save_file(state, weights, metadata={"format": "pt"})

@@ -97,7 +97,16 @@ TRAINED = harness.ROOT / "benchmarks" / "fixture" / "model"
 # a tiny DeepSeek-V3 with one MTP layer (model.layers.3), and vLLM's MTP
 # speculative decoding for the cells that ask for it
 MTP_FAMILY = "deepseek_v3+mtp"
-MTP_DECODING = {"method": "deepseek_mtp", "num_speculative_tokens": 1}
+# a tiny Qwen3-Next with an MTP module (mtp.layers.0, mtp.fc, norms)
+QWEN_MTP_FAMILY = "qwen3_next+mtp"
+MTP_DECODING = {
+    MTP_FAMILY: {"method": "deepseek_mtp", "num_speculative_tokens": 1},
+    QWEN_MTP_FAMILY: {"method": "qwen3_next_mtp", "num_speculative_tokens": 1},
+}
+# what vLLM's CPU build says when Qwen3-Next's MTP drafting first runs (the
+# Triton-only Mamba state copy in v1/worker/mamba_utils.py), after the engine
+# and the draft's weights loaded
+CPU_MAMBA_DRAFTING = "'function' object is not subscriptable"
 TRAINED_TEXTS = ("ROMEO: But soft, what light", "def fibonacci(n):\n    ", "12 + 35 = ")
 
 
@@ -152,7 +161,8 @@ class Batch:
         families = {c.family for c in cells if c.family in SERVED_FAMILIES}
         cells = [Cell(f, "original") for f in sorted(families)] + cells
         # checkpoints vLLM must refuse last: a failed engine start runs no cleanup
-        cells.sort(key=lambda c: c.method in REFUSED)
+        # and a run that fails after its engine started after those
+        cells.sort(key=lambda c: (c.method in REFUSED, c.method in STOPS_RUNNING))
         for cell in dict.fromkeys(cells):
             self.served[cell] = self._prepare(cell)
         jobs = [
@@ -162,7 +172,9 @@ class Batch:
                 "tokens": harness.TOKENS,
                 "dtype": str(self._dtype(c)).removeprefix("torch."),
                 "tracking": "as_shipped" if c.method in AS_SHIPPED else "exact",
-                "speculative": MTP_DECODING if c.method in SPECULATIVE else None,
+                "speculative": MTP_DECODING[c.family]
+                if c.method in SPECULATIVE
+                else None,
             }
             for c, s in self.served.items()
         ]
@@ -203,8 +215,9 @@ class Batch:
         directory = self.root / f"{family}-original"
         if directory.exists():
             return directory
-        if family == MTP_FAMILY:
-            return harness.build_original("deepseek_v3", directory, mtp_layers=1)
+        if family in MTP_DECODING:
+            base = _transformers_family(Cell(family, "original"))
+            return harness.build_original(base, directory, mtp_layers=1)
         return harness.build_original(family, directory)
 
     def _prepare(self, cell: Cell) -> Served:
@@ -232,14 +245,29 @@ class Batch:
 
 def _transformers_family(cell: Cell) -> str:
     """The family transformers loads a cell's checkpoint as."""
-    return {"trained": "qwen3_moe", MTP_FAMILY: "deepseek_v3"}.get(
-        cell.family, cell.family
-    )
+    return {
+        "trained": "qwen3_moe",
+        MTP_FAMILY: "deepseek_v3",
+        QWEN_MTP_FAMILY: "qwen3_next",
+    }.get(cell.family, cell.family)
 
 
 def _mtp_reap(original: Path, cell: Cell, out: Path) -> Path:
     """REAP 25% + W4A16 of a model with an MTP layer, which the save carries."""
-    return harness.compress(original, "deepseek_v3", MODIFIERS["reap"], True, out)
+    family = _transformers_family(cell)
+    return harness.compress(original, family, MODIFIERS["reap"], True, out)
+
+
+def _mtp_library_copy(original: Path, cell: Cell, out: Path) -> Path:
+    """The same with only llm-compressor's own (unreduced) copy of ``mtp.*``."""
+    from ream_modifiers import saving
+
+    carry = saving._carry_mtp
+    saving._carry_mtp = lambda *args: {}
+    try:
+        return _mtp_reap(original, cell, out)
+    finally:
+        saving._carry_mtp = carry
 
 
 def _mtp_dropped(original: Path, cell: Cell, out: Path) -> Path:
@@ -298,9 +326,18 @@ def _quantized_only(original: Path, cell: Cell, out: Path) -> Path:
 # cases vLLM loads with its weight tracking as shipped (no alias correction)
 AS_SHIPPED = {"quantized_only_as_shipped"}
 # cases vLLM runs with MTP speculative decoding
-SPECULATIVE = {"mtp_reap_speculative", "mtp_dropped"}
+SPECULATIVE = {
+    "mtp_reap_speculative",
+    "mtp_dropped",
+    "mtp_carried",
+    "mtp_library_copy",
+}
+# cases whose engine starts and then fails: after every other refused case
+STOPS_RUNNING = {"mtp_carried"}
 REFUSED = {
     "mtp_dropped",
+    "mtp_carried",
+    "mtp_library_copy",
     "missing_tensor",
     "per_projection_names",
     "quantized_only_as_shipped",
@@ -317,6 +354,8 @@ CASES = {
     "mtp_reap": _mtp_reap,
     "mtp_reap_speculative": _mtp_reap,
     "mtp_dropped": _mtp_dropped,
+    "mtp_carried": _mtp_reap,
+    "mtp_library_copy": _mtp_library_copy,
 }
 
 
@@ -410,6 +449,31 @@ def test_mtp_layers_carried_serve_speculative_decoding(batch):
     dropped = batch.served[Cell(MTP_FAMILY, "mtp_dropped", "w4a16")]
     assert not dropped.vllm["ok"]
     assert "MTP speculative decoding layer 3 weights missing" in dropped.vllm["error"]
+
+
+@pytest.mark.cells(
+    Cell(QWEN_MTP_FAMILY, "mtp_library_copy", "w4a16"),
+    Cell(QWEN_MTP_FAMILY, "mtp_carried", "w4a16"),
+)
+def test_qwen_mtp_module_reduced_loads_where_the_full_copy_does_not(batch):
+    """
+    Qwen3-Next's ``mtp.*`` module, REAP 25% + W4A16. llm-compressor copies it
+    unchanged; at 8 experts beside a 6-expert trunk vLLM's MTP loader refuses
+    it. Reduced here, vLLM loads the draft (strictly) and starts the engine;
+    its CPU build then stops at the first drafting step, whose Mamba state copy
+    is a Triton kernel, so tokens are compared on a GPU only.
+    """
+    copied = batch.served[Cell(QWEN_MTP_FAMILY, "mtp_library_copy", "w4a16")]
+    assert not copied.vllm["ok"]
+    assert "Tried to load weights of size torch.Size([8, 128])" in copied.vllm["error"]
+    carried = batch.served[Cell(QWEN_MTP_FAMILY, "mtp_carried", "w4a16")]
+    assert not carried.vllm["ok"]
+    assert CPU_MAMBA_DRAFTING in carried.vllm["error"]
+    assert check_checkpoint(carried.directory).experts_per_layer == {
+        "model.layers.0.mlp": 6,
+        "model.layers.1.mlp": 6,
+        "mtp.layers.0.mlp": 6,
+    }
 
 
 @pytest.mark.cells(Cell("qwen3_moe", "missing_tensor"))

@@ -112,6 +112,9 @@ class MoEArchSpec:
         the trunk as ``model.layers.{num_hidden_layers + i}`` (DeepSeek-V3's
         ``num_nextn_predict_layers``), which :mod:`ream_modifiers.moe.mtp`
         carries into the output; None where the family has none
+    :param mtp_module: prefix of a separate MTP module holding
+        ``{mtp_module}.layers.{i}`` (Qwen3-Next's ``mtp``), carried the same way
+        and found from the stored names (the config has no key for it)
     :param packed_expert_names: for a family whose vLLM loader reads quantized
         experts only under fused per-expert names, their (gate/up, down) prefixes:
         gpt-oss's ``experts.{i}.w13_weight_packed`` (gate and up rows interleaved)
@@ -158,6 +161,7 @@ class MoEArchSpec:
     fused_experts: tuple[str, ...] = ()
     hub_fused_experts: tuple[str, ...] = ()
     mtp_layers_key: str | None = None
+    mtp_module: str | None = None
     packed_expert_names: tuple[str, str] | None = None
     intermediate_size_key: str = "moe_intermediate_size"
     router_quantizable_in_vllm: bool = False

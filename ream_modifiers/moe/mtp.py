@@ -5,7 +5,9 @@ the output.
 DeepSeek-V3/V3.2, Kimi-K2, GLM-4.5+/GLM-5 store ``num_nextn_predict_layers``
 MTP layers after the trunk, as ``model.layers.{num_hidden_layers + i}``: a
 decoder layer with its own routed experts, plus ``enorm``, ``hnorm``,
-``eh_proj`` and ``shared_head``. transformers does not build them, so a plain
+``eh_proj`` and ``shared_head``. Qwen3-Next and Qwen3.5/3.6 store a separate
+module, ``mtp.layers.{i}`` (decoder layers with routed experts) beside
+``mtp.fc`` and its norms. transformers does not build them, so a plain
 save drops them, and vLLM's MTP speculative decoding then refuses the
 checkpoint; kept at full width, they would not load either (vLLM builds every
 MoE layer with the config's one expert count).
@@ -83,15 +85,20 @@ def find_mtp_layers(
     directory: Path, spec: MoEArchSpec, config: dict[str, Any]
 ) -> list[MTPLayer]:
     """
-    The MTP layers the config declares and ``directory`` stores (a config that
-    declares them without weights, as transformers' defaults do, has none).
+    The MTP layers ``directory`` stores: after the trunk, as many as the config
+    declares (a config that declares them without weights, as transformers'
+    defaults do, has none), or every ``{mtp_module}.layers.{i}`` of a separate
+    MTP module, whose other tensors (``mtp.fc``, its norms) come as one more
+    entry without experts.
 
     :param config: the text model's config as a dict
     """
+    files = _tensor_files(directory)
+    if spec.mtp_module is not None:
+        return _module_layers(files, spec.mtp_module)
     count = _mtp_count(spec, config)
     if not count:
         return []
-    files = _tensor_files(directory)
     first = config["num_hidden_layers"]
     layers = []
     for index in range(first, first + count):
@@ -100,6 +107,19 @@ def find_mtp_layers(
         if mine:
             layers.append(MTPLayer(prefix, mine))
     return layers
+
+
+def _module_layers(files: dict[str, Path], module: str) -> list[MTPLayer]:
+    """The layers of an MTP module (``mtp.layers.{i}``), then its other tensors."""
+    inside = {n: f for n, f in files.items() if n.startswith(module + ".")}
+    pattern = re.compile(rf"^({re.escape(module)}\.layers\.\d+)\.")
+    prefixes = sorted({m[1] for n in inside if (m := pattern.match(n))})
+    layers = [
+        MTPLayer(p, {n: f for n, f in inside.items() if n.startswith(p + ".")})
+        for p in prefixes
+    ]
+    rest = {n: f for n, f in inside.items() if not pattern.match(n)}
+    return layers + ([MTPLayer(module, rest)] if rest else [])
 
 
 def _expert_pattern(layer: MTPLayer, spec: MoEArchSpec) -> re.Pattern:
@@ -133,6 +153,8 @@ def _reduce_layer(
         if match := pattern.match(name):
             per_expert.setdefault(int(match[1]), {})[match[2]] = tensor
     count = len(per_expert)
+    if not count:  # the MTP module's own tensors (fc, norms): copied unchanged
+        return tensors, {}
     scores = aimer_score_experts(
         [t for key, t in sorted(weights.items()) if key.endswith("weight")]
         for _, weights in sorted(per_expert.items())
@@ -185,25 +207,49 @@ def carry_mtp_layers(
         ``source`` has none
     """
     layers = find_mtp_layers(source, spec, config)
-    if not layers or find_mtp_layers(target, spec, config):
+    if not layers:
         return {}
     from safetensors.torch import save_file
 
     weight_map = {name: file.name for name, file in _tensor_files(target).items()}
+    _drop_unreduced_copy(target, find_mtp_layers(target, spec, config), weight_map)
     reports = {}
     for number, layer in enumerate(layers):
-        tensors, reports[layer.prefix] = _reduce_layer(layer, spec, kept_count, n_group)
+        tensors, report = _reduce_layer(layer, spec, kept_count, n_group)
         shard = _SHARD.format(number + 1)
         save_file(tensors, target / shard, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, shard))
-        removed = reports[layer.prefix]["removed"]
-        logger.info(
-            f"MTP {layer.prefix}: kept {kept_count} of {len(removed) + kept_count} "
-            f"routed experts by the {MTP_RULE} rule (removed {removed})"
-        )
+        if report:
+            reports[layer.prefix] = report
+            logger.info(
+                f"MTP {layer.prefix}: kept {kept_count} routed experts by the "
+                f"{MTP_RULE} rule (removed {report['removed']})"
+            )
     _write_index(target, weight_map)
-    _ignore_in_quantization(target, [layer.prefix for layer in layers])
+    roots = [spec.mtp_module] if spec.mtp_module else [x.prefix for x in layers]
+    _ignore_in_quantization(target, roots)
     return reports
+
+
+def _drop_unreduced_copy(
+    target: Path, copied: list[MTPLayer], weight_map: dict[str, str]
+) -> None:
+    """
+    Remove the MTP tensors already in ``target``: llm-compressor 0.14 copies a
+    ``mtp.*`` module unchanged into ``model_mtp.safetensors``
+    (compressed-tensors' ``save_mtp_tensors_to_checkpoint``), which at full
+    width no longer loads beside reduced layers. Only shards that hold nothing
+    but MTP tensors are deleted.
+    """
+    names = {name for layer in copied for name in layer.files}
+    if not names:
+        return
+    for name in names:
+        weight_map.pop(name, None)
+    for file in {f for layer in copied for f in layer.files.values()}:
+        if file.name not in set(weight_map.values()):
+            file.unlink()
+    logger.info(f"Replacing the unreduced copy of {len(names)} MTP tensors")
 
 
 def _write_index(target: Path, weight_map: dict[str, str]) -> None:
@@ -222,7 +268,11 @@ def _ignore_in_quantization(target: Path, prefixes: list[str]) -> None:
         return
     ignore = quantization.setdefault("ignore", [])
     for prefix in prefixes:
-        pattern = f"re:^{re.escape(prefix)}\\..*"
-        if pattern not in ignore:
-            ignore.append(pattern)
+        # llm-compressor's own MTP copy may have listed it already ("re:^mtp.*")
+        covered = any(
+            entry.startswith("re:") and re.match(entry[3:], f"{prefix}.x")
+            for entry in ignore
+        )
+        if not covered:
+            ignore.append(f"re:^{re.escape(prefix)}\\..*")
     path.write_text(json.dumps(config, indent=2) + "\n")

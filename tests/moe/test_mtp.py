@@ -153,3 +153,34 @@ def test_quantized_output_keeps_mtp_unquantized_and_ignored(reap_w4a16):
 def test_a_tiny_model_of_a_family_without_mtp_refuses_mtp_layers(tmp_path):
     with pytest.raises(ValueError, match="qwen3_moe has no MTP layers"):
         build_tiny_moe("qwen3_moe", tmp_path, mtp_layers=1)
+
+
+def test_qwen_mtp_module_replaces_llm_compressors_unreduced_copy(tmp_path):
+    source = build_tiny_moe("qwen3_next", tmp_path / "model", mtp_layers=1)
+    out = _compress(source, "reap_w4a16", tmp_path / "out")
+    before, after = _tensors(source), _tensors(out)
+    experts = "mtp.layers.0.mlp.experts"
+    assert f"{experts}.5.down_proj.weight" in after
+    assert f"{experts}.6.down_proj.weight" not in after
+    assert after["mtp.layers.0.mlp.gate.weight"].shape == (6, 128)
+    for name in (
+        "mtp.fc.weight",
+        "mtp.norm.weight",
+        "mtp.layers.0.self_attn.q_proj.weight",
+    ):
+        assert after[name].equal(before[name])
+    # llm-compressor's full-width copy is gone; its ignore entry covers ours
+    assert not (out / "model_mtp.safetensors").exists()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {
+        "model.safetensors",
+        "model-mtp-00001.safetensors",
+        "model-mtp-00002.safetensors",
+    }
+    ignore = json.loads((out / "config.json").read_text())["quantization_config"][
+        "ignore"
+    ]
+    assert [entry for entry in ignore if "mtp" in entry] == ["re:^mtp.*"]
+    report = json.loads((out / "expert_reduction.json").read_text())[-1]
+    assert list(report["mtp_layers"]) == ["mtp.layers.0"]
+    assert check_checkpoint(out).experts_per_layer["mtp.layers.0.mlp"] == 6
