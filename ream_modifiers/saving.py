@@ -93,13 +93,30 @@ def finish_saved_checkpoint(model: PreTrainedModel, save_directory) -> None:
     if source and Path(source).resolve() != Path(save_directory).resolve():
         # a vision-language model is served only with its preprocessing configs
         copy_processor_files(source, Path(save_directory))
-        if (spec.mtp_layers_key or spec.mtp_module) and Path(source).is_dir():
-            mtp = _carry_mtp(model, spec, Path(source), Path(save_directory))
+        local = _local_checkpoint(source)
+        if (spec.mtp_layers_key or spec.mtp_module) and local is not None:
+            mtp = _carry_mtp(model, spec, local, Path(save_directory))
     if state["reports"]:
         if mtp:
             state["reports"][-1]["mtp_layers"] = mtp
         path = Path(save_directory) / REPORT_FILENAME
         path.write_text(json.dumps(state["reports"], indent=2) + "\n")
+
+
+def _local_checkpoint(source: str, cache_dir: str | None = None) -> Path | None:
+    """The folder holding ``source``'s files: itself, or its hub cache snapshot."""
+    if Path(source).is_dir():
+        return Path(source)
+    from transformers.utils import cached_file
+
+    config = cached_file(
+        source,
+        "config.json",
+        cache_dir=cache_dir,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+    )
+    return Path(config).parent if config else None
 
 
 def _carry_mtp(model, spec, source: Path, target: Path) -> dict[str, Any]:
