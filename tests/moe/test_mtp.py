@@ -187,9 +187,9 @@ def test_qwen_mtp_module_replaces_llm_compressors_unreduced_copy(tmp_path):
 
 
 def test_a_hub_model_is_read_from_its_cache_snapshot(tmp_path, monkeypatch):
-    from ream_modifiers.saving import _local_checkpoint
-
     import huggingface_hub.constants
+
+    from ream_modifiers.saving import _local_checkpoint
 
     # no request leaves the machine (CI has no hub access)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
