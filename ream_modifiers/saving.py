@@ -91,11 +91,13 @@ def finish_saved_checkpoint(model: PreTrainedModel, save_directory) -> None:
     source = model.name_or_path
     mtp = {}
     if source and Path(source).resolve() != Path(save_directory).resolve():
-        # a vision-language model is served only with its preprocessing configs
-        copy_processor_files(source, Path(save_directory))
-        local = _local_checkpoint(source)
-        if (spec.mtp_layers_key or spec.mtp_module) and local is not None:
-            mtp = _carry_mtp(model, spec, local, Path(save_directory))
+        if getattr(model.config, "vision_config", None) is not None:
+            # a vision-language model is served only with its preprocessing configs
+            copy_processor_files(source, Path(save_directory))
+        if spec.mtp_layers_key or spec.mtp_module:
+            local = _local_checkpoint(source)
+            if local is not None:
+                mtp = _carry_mtp(model, spec, local, Path(save_directory))
     if state["reports"]:
         if mtp:
             state["reports"][-1]["mtp_layers"] = mtp
