@@ -48,14 +48,16 @@ def compress_loaded_model(
     # counted without onloading: an offloaded model is not read back for this
     parameters_before, bytes_before = parameter_totals(moe_model)
     calibration, calibration_info = _calibration_rows(tokenizer, job.calibration)
-    if job.calibration.images is not None:
-        calibration = _add_image_rows(moe_model, tokenizer, calibration, job)
-        calibration_info["images"] = job.calibration.images
-        calibration_info["image_rows"] = sum(
-            row is not None for row in calibration["pixel_values"]
-        )
     # under torchrun each rank calibrates on its own share of the rows
     shard = shard_for_rank(calibration)
+    if job.calibration.images is not None:
+        # per share, so that every rank's first row (which llm-compressor
+        # traces the model with) carries an image
+        shard = _add_image_rows(moe_model, tokenizer, shard, job)
+        calibration_info["images"] = job.calibration.images
+        calibration_info["image_rows_per_rank"] = sum(
+            row is not None for row in shard["pixel_values"]
+        )
     output = job.output
     with shared_staged_output(Path(output.output), output.overwrite) as partial:
         _run_oneshot(moe_model, recipe_path, partial, shard, tokenizer, job)
@@ -111,14 +113,18 @@ def _calibration_rows(
 
 
 def _add_image_rows(moe_model, tokenizer, calibration, job: CompressJob):
-    """Replace ``--image-fraction`` of the text rows by image+caption rows."""
+    """Replace ``--image-fraction`` of this rank's text rows by image rows."""
+    from torch import distributed as dist
+
     from ream_modifiers.data.images import (
         build_image_rows,
         load_image_processor,
         with_image_rows,
     )
+    from ream_modifiers.distributed import is_distributed
 
     args = job.calibration
+    rank = dist.get_rank() if is_distributed() else 0
     count = max(1, round(args.image_fraction * len(calibration)))
     logger.info(f"Building {count} image+caption calibration rows ({args.images})")
     image_processor = load_image_processor(job.model.model, job.model.trust_remote_code)
@@ -129,7 +135,7 @@ def _add_image_rows(moe_model, tokenizer, calibration, job: CompressJob):
         args.images,
         count,
         args.max_seq_len,
-        seed=args.seed,
+        seed=args.seed + rank,  # each rank its own order of the images
     )
     return with_image_rows(calibration, rows)
 

@@ -165,7 +165,7 @@ def test_compress_calibrates_a_vision_model_on_image_rows(
     reset_session()
     calibration = json.loads((out / "calibration.json").read_text())
     assert calibration["images"] == "bundled"
-    assert calibration["image_rows"] == 4
+    assert calibration["image_rows_per_rank"] == 4
     report = json.loads((out / "expert_reduction.json").read_text())[-1]
     layer = next(iter(report["layers"].values()))
     # 4 text rows of 48 tokens and 4 image rows of at most 48 (with 16 or 25
