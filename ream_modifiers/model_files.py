@@ -19,7 +19,12 @@ from pathlib import Path
 
 from ream_modifiers.errors import InputError
 
-__all__ = ["ModelFileError", "check_model_files", "check_safetensors_file"]
+__all__ = [
+    "ModelFileError",
+    "check_model_files",
+    "check_safetensors_file",
+    "find_model_file",
+]
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
@@ -167,3 +172,27 @@ def check_model_files(source: str) -> None:
         )
     for file in _shards(directory):
         check_safetensors_file(file)
+
+
+def find_model_file(
+    source: str, name: str, cache_dir: str | None = None
+) -> Path | None:
+    """
+    ``name`` of the model ``source``: in its local folder, or in its hub cache
+    snapshot (fetched if missing and the hub is reachable); None where the model
+    has no such file or the hub cannot be asked.
+    """
+    local = Path(source)
+    if local.is_dir():
+        path = local / name
+        return path if path.is_file() else None
+    from transformers.utils import cached_file
+
+    found = cached_file(
+        source,
+        name,
+        cache_dir=cache_dir,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+    )
+    return Path(found) if found else None

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from loguru import logger
 
+from ream_modifiers.model_files import find_model_file
+
 __all__ = ["PROCESSOR_FILES", "copy_processor_files"]
 
 # what transformers' processors and vLLM's multimodal input pipeline read
@@ -26,23 +28,6 @@ PROCESSOR_FILES = (
     "chat_template.json",
     "chat_template.jinja",
 )
-
-
-def _source_file(source: str, name: str) -> Path | None:
-    """``name`` in the local directory or hub repository ``source``, if it has it."""
-    local = Path(source)
-    if local.is_dir():
-        path = local / name
-        return path if path.is_file() else None
-    from transformers.utils import cached_file
-
-    found = cached_file(
-        source,
-        name,
-        _raise_exceptions_for_missing_entries=False,
-        _raise_exceptions_for_connection_errors=False,
-    )
-    return Path(found) if found else None
 
 
 def copy_processor_files(source: str, target: Path) -> list[str]:
@@ -59,7 +44,7 @@ def copy_processor_files(source: str, target: Path) -> list[str]:
     for name in PROCESSOR_FILES:
         if (target / name).exists():
             continue
-        found = _source_file(source, name)
+        found = find_model_file(source, name)
         if found is None:
             continue
         shutil.copyfile(found, target / name)

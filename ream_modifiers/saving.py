@@ -17,6 +17,7 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from ream_modifiers.distributed import is_source_process
+from ream_modifiers.model_files import find_model_file
 from ream_modifiers.moe.architectures import get_arch_spec, text_config
 from ream_modifiers.moe.edit import patch_saved_config
 from ream_modifiers.moe.mtp import carry_mtp_layers
@@ -95,30 +96,16 @@ def finish_saved_checkpoint(model: PreTrainedModel, save_directory) -> None:
             # a vision-language model is served only with its preprocessing configs
             copy_processor_files(source, Path(save_directory))
         if spec.mtp_layers_key or spec.mtp_module:
-            local = _local_checkpoint(source)
-            if local is not None:
-                mtp = _carry_mtp(model, spec, local, Path(save_directory))
+            # a hub model's files are in its cache snapshot
+            config_file = find_model_file(source, "config.json")
+            if config_file is not None:
+                target = Path(save_directory)
+                mtp = _carry_mtp(model, spec, config_file.parent, target)
     if state["reports"]:
         if mtp:
             state["reports"][-1]["mtp_layers"] = mtp
         path = Path(save_directory) / REPORT_FILENAME
         path.write_text(json.dumps(state["reports"], indent=2) + "\n")
-
-
-def _local_checkpoint(source: str, cache_dir: str | None = None) -> Path | None:
-    """The folder holding ``source``'s files: itself, or its hub cache snapshot."""
-    if Path(source).is_dir():
-        return Path(source)
-    from transformers.utils import cached_file
-
-    config = cached_file(
-        source,
-        "config.json",
-        cache_dir=cache_dir,
-        _raise_exceptions_for_missing_entries=False,
-        _raise_exceptions_for_connection_errors=False,
-    )
-    return Path(config).parent if config else None
 
 
 def _carry_mtp(model, spec, source: Path, target: Path) -> dict[str, Any]:

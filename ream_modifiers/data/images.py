@@ -210,40 +210,50 @@ def build_image_rows(
     :raises ImageCalibrationError: when one image alone needs more tokens than
         ``max_seq_length``
     """
+    images = captioned_images(source)
+    random.Random(seed).shuffle(images)
+    before = tokenizer(_PROMPT + " ", add_special_tokens=False)["input_ids"]
+    # each image is processed once, however often the rows cycle through it
+    distinct = [
+        _image_row(config, tokenizer, image_processor, before, image, max_seq_length)
+        for image in images[:count]
+    ]
+    return [distinct[index % len(distinct)] for index in range(count)]
+
+
+def _image_row(
+    config: PretrainedConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    image_processor: Any,
+    before: list[int],
+    image: tuple[Path, str],
+    max_seq_length: int,
+) -> dict[str, Any]:
+    """One image's row: ``before``, its placeholders and its caption, cut."""
     from PIL import Image
 
     prompt = IMAGE_PROMPTS[config.model_type]
-    images = captioned_images(source)
-    random.Random(seed).shuffle(images)
-    rows = []
-    for index in range(count):
-        path, caption = images[index % len(images)]
-        with Image.open(path) as image:
-            pixels = image_processor(images=[image.convert("RGB")], return_tensors="pt")
-        grid = pixels[prompt.grid]
-        marks = prompt.placeholders(config, grid[0])
-        before = tokenizer(_PROMPT + " ", add_special_tokens=False)["input_ids"]
-        if len(before) + len(marks) >= max_seq_length:
-            raise ImageCalibrationError(
-                f"{path.name} takes {len(marks)} image tokens, more than "
-                f"max_seq_len {max_seq_length} allows",
-                "raise --max-seq-len, or use smaller images",
-            )
-        after = tokenizer(" " + caption, add_special_tokens=False)["input_ids"]
-        ids = (before + marks + after)[:max_seq_length]
-        image_id = getattr(config, prompt.image_key)
-        rows.append(
-            {
-                "input_ids": ids,
-                "attention_mask": [1] * len(ids),
-                "mm_token_type_ids": [
-                    prompt.token_type if t == image_id else 0 for t in ids
-                ],
-                "pixel_values": pixels["pixel_values"].tolist(),
-                "grid": {prompt.grid: grid.tolist()},
-            }
+    path, caption = image
+    with Image.open(path) as opened:
+        pixels = image_processor(images=[opened.convert("RGB")], return_tensors="pt")
+    grid = pixels[prompt.grid]
+    marks = prompt.placeholders(config, grid[0])
+    if len(before) + len(marks) >= max_seq_length:
+        raise ImageCalibrationError(
+            f"{path.name} takes {len(marks)} image tokens, more than "
+            f"max_seq_len {max_seq_length} allows",
+            "raise --max-seq-len, or use smaller images",
         )
-    return rows
+    after = tokenizer(" " + caption, add_special_tokens=False)["input_ids"]
+    ids = (before + marks + after)[:max_seq_length]
+    image_id = getattr(config, prompt.image_key)
+    return {
+        "input_ids": ids,
+        "attention_mask": [1] * len(ids),
+        "mm_token_type_ids": [prompt.token_type if t == image_id else 0 for t in ids],
+        "pixel_values": pixels["pixel_values"].tolist(),
+        "grid": {prompt.grid: grid.tolist()},
+    }
 
 
 def with_image_rows(text: Dataset, image_rows: list[dict[str, Any]]) -> Dataset:

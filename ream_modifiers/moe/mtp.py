@@ -60,7 +60,12 @@ class MTPLayer:
 
 
 def _tensor_files(directory: Path) -> dict[str, Path]:
-    """Every tensor of a safetensors checkpoint and the file holding it."""
+    """
+    Every tensor of a safetensors checkpoint and the file holding it, from the
+    index where there is one. (compressed-tensors' ``get_weight_mappings``
+    reads ``model.safetensors`` first and would miss the MTP shards that
+    llm-compressor's own copy lists in an index beside it.)
+    """
     index = directory / _INDEX
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
