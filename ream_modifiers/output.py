@@ -116,8 +116,8 @@ def staged_output(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """
     Yield an empty staging directory beside ``target``; when the block ends
     without an exception, rename it to ``target`` (replacing an existing output
-    only with ``overwrite``). On any exception the staging directory is removed
-    and ``target`` is left as it was.
+    only with ``overwrite``). On any exception, or after SIGTERM or Ctrl-C, the
+    staging directory is removed and ``target`` is left as it was.
 
     :param target: the final output directory
     :param overwrite: replace a non-empty ``target``
@@ -126,35 +126,53 @@ def staged_output(target: Path, overwrite: bool = False) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(target)
     staging = staging_dir(target)
-    staging.mkdir()
-    try:
-        with _terminate_as_exit():
+    with _cancellation() as cancelled:
+        staging.mkdir()
+        try:
             yield staging
+            if cancelled:
+                # the signal's exception was swallowed where it landed (Python
+                # ignores exceptions raised inside finalizers and callbacks)
+                raise SystemExit(128 + cancelled[0])
             _publish(staging, target, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
 
 @contextmanager
-def _terminate_as_exit() -> Iterator[None]:
+def _cancellation() -> Iterator[list[int]]:
     """
-    SIGTERM (a scheduler's cancel, ``kill``) raises ``SystemExit`` inside the
-    block, as Ctrl-C raises ``KeyboardInterrupt``, so the staging directory is
-    removed on the way out instead of waiting for the next run.
+    Inside the block SIGTERM (a scheduler's cancel, ``kill``) raises
+    ``SystemExit`` and SIGINT (Ctrl-C) ``KeyboardInterrupt``, so the staging
+    directory is removed on the way out instead of waiting for the next run.
+    Each signal received is also recorded in the yielded list: an exception
+    raised inside a finalizer is only printed by Python, and a run that carried
+    on must still not publish. A signal the process ignores stays ignored (a
+    shell starts background jobs with SIGINT ignored, so that Ctrl-C in the
+    terminal leaves them running).
     """
+    received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread
+        yield received  # signal handlers can only be set from the main thread
         return
 
-    def terminate(signum, frame):
+    def cancel(signum, frame):
+        received.append(signum)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
         raise SystemExit(128 + signum)
 
-    previous = signal.signal(signal.SIGTERM, terminate)
+    previous = {
+        signum: signal.signal(signum, cancel)
+        for signum in (signal.SIGTERM, signal.SIGINT)
+        if signal.getsignal(signum) is not signal.SIG_IGN
+    }
     try:
-        yield
+        yield received
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 @contextmanager

@@ -19,10 +19,13 @@ from transformers import PreTrainedModel
 from ream_modifiers.distributed import is_source_process
 from ream_modifiers.model_files import find_model_file
 from ream_modifiers.moe.architectures import get_arch_spec, text_config
-from ream_modifiers.moe.edit import patch_saved_config
 from ream_modifiers.moe.mtp import carry_mtp_layers
 from ream_modifiers.moe.offload import disk_offloaded
 from ream_modifiers.moe.packed_names import write_packed_names
+from ream_modifiers.moe.saved_config import (
+    patch_saved_config,
+    write_row_config_keys,
+)
 from ream_modifiers.processor_files import copy_processor_files
 
 __all__ = ["REPORT_FILENAME", "record_for_save", "install_save_hook"]
@@ -87,6 +90,7 @@ def finish_saved_checkpoint(model: PreTrainedModel, save_directory) -> None:
     if state["config"]:
         patch_saved_config(save_directory, state["config"])
     spec = get_arch_spec(model.config)
+    write_row_config_keys(save_directory, spec)
     if spec.packed_expert_names:
         write_packed_names(save_directory, spec)
     source = model.name_or_path

@@ -23,6 +23,7 @@ from transformers import AutoConfig, PreTrainedTokenizerFast
 from ream_modifiers.data.calibration import bundled_texts
 from ream_modifiers.moe.architectures import ARCHITECTURES
 from ream_modifiers.moe.auto import auto_model_class
+from ream_modifiers.moe.saved_config import write_row_config_keys
 
 __all__ = ["TINY_CONFIGS", "TINY_PROCESSORS", "build_tokenizer", "build_tiny_moe"]
 
@@ -129,6 +130,8 @@ def build_tiny_moe(
     model = _random_model(config, seed, dtype)
     save_dir = Path(save_dir)
     model.save_pretrained(save_dir)
+    if spec is not None:
+        write_row_config_keys(save_dir, spec)
     if mtp_layers:
         _append_mtp_layers(model_type, kwargs, save_dir, seed, dtype)
     if model_type in _TRANSPOSED_ON_HUB:

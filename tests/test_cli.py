@@ -261,6 +261,9 @@ def _signal_once_staging(model, out, signum) -> tuple[subprocess.Popen, Path]:
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        # as from a terminal: a test run started in the background has SIGINT
+        # ignored, which its children would inherit (and rightly keep ignoring)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     staging = out.parent / f".{out.name}.tmp-{process.pid}"
     deadline = time.monotonic() + 600

@@ -1,4 +1,5 @@
 import os
+import signal
 import subprocess
 
 import pytest
@@ -100,3 +101,55 @@ def test_output_moved_aside_by_a_killed_run_is_restored(tmp_path):
     assert remove_stale(target) == []
     assert (target / "model.safetensors").read_text() == "previous"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+class _SignalledWhileFinalized:
+    """A signal arriving while Python runs a finalizer: Python prints the
+    exception its handler raises there and carries on."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+
+    def __del__(self):
+        os.kill(os.getpid(), self.signum)
+
+
+@pytest.fixture
+def default_handlers():
+    """Python's own SIGINT and SIGTERM handling, whatever pytest was started
+    with (a background job has SIGINT ignored)."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_swallowed_by_a_finalizer_still_stops_the_publish(
+    tmp_path, signum, default_handlers
+):
+    target = tmp_path / "out"
+    with pytest.raises(SystemExit) as stopped:
+        with staged_output(target) as staging:
+            (staging / "model.safetensors").write_text("half")
+            finalized = _SignalledWhileFinalized(signum)
+            del finalized
+            assert staging.is_dir()  # the run went on after the signal
+    assert stopped.value.code == 128 + signum
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_an_ignored_sigint_stays_ignored(tmp_path, default_handlers):
+    """A background job (SIGINT ignored by the shell) is not cancelled by it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    target = tmp_path / "out"
+    with staged_output(target) as staging:
+        (staging / "model.safetensors").write_text("whole")
+        os.kill(os.getpid(), signal.SIGINT)
+    assert (target / "model.safetensors").read_text() == "whole"
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN

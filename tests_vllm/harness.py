@@ -1,7 +1,8 @@
 """
 The project side of the vLLM tier: compress tiny checkpoints, generate greedily
 with transformers, and run vLLM on a batch of checkpoints in ``.venv-vllm``
-(:mod:`tests_vllm.vllm_generate`, one process per batch).
+(:mod:`tests_vllm.vllm_generate`, one process per batch, fed as checkpoints
+are ready).
 """
 
 from __future__ import annotations
@@ -190,27 +191,52 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def run_vllm(jobs: list[dict], scratch: Path, timeout: int = 1800) -> dict[str, dict]:
+class VLLMWorker:
     """
-    vLLM's result per checkpoint (``ok``, ``tokens``, ``logits`` or ``error``)
-    for ``jobs`` = ``[{"model", "prompts", "tokens"}]``, in one process.
+    One vLLM process (:mod:`tests_vllm.vllm_generate`) fed job by job, so that
+    vLLM runs on one checkpoint while the caller prepares the next. Its output
+    and log go to files in ``scratch`` (a pipe the caller does not read would
+    fill and stall it).
     """
-    jobs_file = scratch / "jobs.json"
-    jobs_file.write_text(
-        json.dumps([{**job, "model": str(job["model"])} for job in jobs])
-    )
-    run = subprocess.run(
-        [str(VLLM_PYTHON), str(WORKER), str(jobs_file)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=worker_env(),
-    )
-    results = {}
-    for line in run.stdout.splitlines():
-        if line.startswith('{"model"'):
-            result = json.loads(line)
-            results[result.pop("model")] = result
-    missing = [job["model"] for job in jobs if str(job["model"]) not in results]
-    assert not missing, f"vLLM worker died (rc {run.returncode}): {run.stderr[-4000:]}"
-    return results
+
+    def __init__(self, scratch: Path, timeout: int = 1800):
+        self.timeout = timeout
+        self.submitted: list[str] = []
+        self.output = scratch / "vllm_results.jsonl"
+        self.log = scratch / "vllm_worker.log"
+        with self.output.open("w") as out, self.log.open("w") as log:
+            self.process = subprocess.Popen(
+                [str(VLLM_PYTHON), str(WORKER), "-"],
+                stdin=subprocess.PIPE,
+                stdout=out,
+                stderr=log,
+                text=True,
+                env=worker_env(),
+            )
+
+    def submit(self, job: dict) -> None:
+        """Queue ``job`` (``{"model", "prompts", "tokens", ...}``)."""
+        self.submitted.append(str(job["model"]))
+        try:
+            self.process.stdin.write(json.dumps({**job, "model": str(job["model"])}))
+            self.process.stdin.write("\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            pass  # the worker died; results() reports it with its log
+
+    def results(self) -> dict[str, dict]:
+        """Wait for every submitted job: vLLM's result per checkpoint."""
+        try:
+            self.process.stdin.close()
+        except BrokenPipeError:
+            pass
+        self.process.wait(timeout=self.timeout)
+        results = {}
+        for line in self.output.read_text().splitlines():
+            if line.startswith('{"model"'):
+                result = json.loads(line)
+                results[result.pop("model")] = result
+        missing = [model for model in self.submitted if model not in results]
+        log = self.log.read_text()[-4000:]
+        assert not missing, f"vLLM worker died (rc {self.process.returncode}): {log}"
+        return results

@@ -6,7 +6,8 @@ none touches how vLLM reads a checkpoint: config parsing, the
 compressed-tensors ignore list, the per-expert ``weight_packed``/``weight_scale``
 loading, w13 stacking and the router's weights are vLLM's own code in every
 test. The fourth makes vLLM's strict weight tracking exact; the fifth lets
-an unquantized MoE layer (a carried MTP layer) sit beside the int4 ones.
+an unquantized MoE layer (a carried MTP layer) sit beside the int4 ones; the
+sixth only saves time.
 
 1. :func:`run_int4_experts_in_pytorch`. vLLM has no int4 (W4A16) MoE kernel for
    x86 CPUs without AMX: ``fused_moe/oracle/int_wna16.py`` offers only ZEN_CPU
@@ -41,10 +42,18 @@ an unquantized MoE layer (a carried MTP layer) sit beside the int4 ones.
    of a loaded parameter, and the parameters in :data:`NEVER_LOADABLE` and
    :data:`UNREPORTED` (a loader that loads but does not report), before
    vLLM's own check runs; everything else stays as strict.
+6. :func:`collect_young_generations`. Speed only: vLLM calls ``gc.collect()``
+   about eight times per engine start and shutdown, and each full collection
+   scans the whole heap of vLLM's imports (0.3 s here), 60% of a tiny
+   checkpoint's time in the tier. The patch collects the young generations
+   only; the worker runs a full collection itself every
+   :data:`FULL_COLLECTION_EVERY` checkpoints (memory grows by about 3 MB per
+   checkpoint in between).
 """
 
 from __future__ import annotations
 
+import gc
 import inspect
 import types
 
@@ -243,10 +252,23 @@ def unquantized_experts_ignore_emulation() -> None:
     unquantized_fused_moe_method.select_unquantized_moe_backend = select_falling_through
 
 
+# the real full collection, which the worker calls every so many checkpoints
+full_collection = gc.collect
+FULL_COLLECTION_EVERY = 10
+
+
+def collect_young_generations() -> None:
+    def collect(generation: int = 2) -> int:
+        return full_collection(min(generation, 1))
+
+    gc.collect = collect
+
+
 def install() -> None:
-    """All five; each changes only what is described above."""
+    """All six; each changes only what is described above."""
     run_int4_experts_in_pytorch()
     dequantize_in_float32()
     route_with_selection_bias()
     track_aliased_parameters()
     unquantized_experts_ignore_emulation()
+    collect_young_generations()

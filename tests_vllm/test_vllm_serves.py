@@ -5,13 +5,14 @@ transformers' on the same checkpoint.
 
 Run with ``make test-vllm`` (creates ``.venv-vllm``; ``.ci/run`` runs it after
 ``make test``). Every test here reads one session-wide batch: the checkpoints
-the selected tests need are compressed first, then loaded by vLLM in one
-process (vLLM is imported once; a tiny checkpoint then takes about 5 s).
+the selected tests need are compressed one after another and handed to one vLLM
+process as each is ready, so vLLM loads one while the next is compressed (vLLM
+is imported once; a tiny checkpoint then takes about 2 s, see ``shims.py``).
 
 The matrix: every family of the unit tests' architecture matrix, each method,
 plain and GPTQ W4A16. The default slice gives every family both formats with a
 method that rotates through the list, so that every method runs on several
-families (78 tests with 29 families, 2026-12-04; Qwen3-MoE's every-method row
+families (81 tests with 30 families, 2026-12-04; Qwen3-MoE's every-method row
 left the default slice then, for CI's 30 minutes); ``REAM_VLLM_FULL=1`` runs
 the whole product (245 checkpoints and 26 min with 16 families), and
 ``REAM_VLLM_REPORT=FILE`` writes each checkpoint's outcome (BENCHMARKS.md's
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,6 +130,9 @@ class Served:
     expected: list[list[int]]  # transformers' greedy tokens
     vllm: dict = field(default_factory=dict)
     gap: float | None = None  # teacher-forced logit gap, when vLLM ran it
+    prepare_seconds: float = 0.0  # compress + transformers' greedy tokens
+    # transformers' model of the checkpoint, until the logit gap is computed
+    model: object = None
 
 
 def _default_cells() -> list[Cell]:
@@ -156,7 +161,7 @@ def _matrix_cells() -> list[Cell]:
 
 
 class Batch:
-    """Builds the selected tests' checkpoints, then runs vLLM on all of them."""
+    """Builds the selected tests' checkpoints and runs vLLM on each as it is built."""
 
     def __init__(self, root: Path, cells: list[Cell]):
         self.root = root
@@ -166,29 +171,27 @@ class Batch:
         # checkpoints vLLM must refuse last: a failed engine start runs no cleanup
         # and a run that fails after its engine started after those
         cells.sort(key=lambda c: (c.method in REFUSED, c.method in STOPS_RUNNING))
-        for cell in dict.fromkeys(cells):
-            self.served[cell] = self._prepare(cell)
-        jobs = [
-            {
-                "model": str(s.directory),
-                "prompts": s.prompts,
-                "tokens": harness.TOKENS,
-                "dtype": str(self._dtype(c)).removeprefix("torch."),
-                "tracking": "as_shipped" if c.method in AS_SHIPPED else "exact",
-                "speculative": MTP_DECODING[c.family]
-                if c.method in SPECULATIVE
-                else None,
-            }
-            for c, s in self.served.items()
-        ]
-        results = harness.run_vllm(jobs, root, timeout=3600)
-        for cell, served in self.served.items():
+        # vLLM runs on each checkpoint while the next one is compressed; one
+        # thread here leaves it a core (tiny models gain little from two)
+        worker = harness.VLLMWorker(root, timeout=3600)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for cell in dict.fromkeys(cells):
+                started = time.monotonic()
+                served = self.served[cell] = self._prepare(cell)
+                served.prepare_seconds = round(time.monotonic() - started, 2)
+                worker.submit(self._job(cell, served))
+        finally:
+            torch.set_num_threads(threads)
+        results = worker.results()
+        for served in self.served.values():
             served.vllm = results[str(served.directory)]
             if served.vllm["ok"]:
-                model = self._load(cell, served.directory)
                 served.gap = harness.teacher_forced_gap(
-                    model, served.prompts, served.vllm
+                    served.model, served.prompts, served.vllm
                 )
+            served.model = None
         if report := os.environ.get("REAM_VLLM_REPORT"):
             self._write_report(Path(report))
 
@@ -200,10 +203,24 @@ class Batch:
                 "tokens_equal": served.vllm.get("tokens") == served.expected,
                 "gap": served.gap,
                 "error": served.vllm.get("error"),
+                "prepare_seconds": served.prepare_seconds,
+                "vllm_seconds": served.vllm.get("seconds"),
             }
             for cell, served in self.served.items()
         }
         path.write_text(json.dumps(rows, indent=1) + "\n")
+
+    def _job(self, cell: Cell, served: Served) -> dict:
+        return {
+            "model": str(served.directory),
+            "prompts": served.prompts,
+            "tokens": harness.TOKENS,
+            "dtype": str(self._dtype(cell)).removeprefix("torch."),
+            "tracking": "as_shipped" if cell.method in AS_SHIPPED else "exact",
+            "speculative": MTP_DECODING[cell.family]
+            if cell.method in SPECULATIVE
+            else None,
+        }
 
     @staticmethod
     def _dtype(cell: Cell) -> torch.dtype:
@@ -231,7 +248,8 @@ class Batch:
             prompts = [tokenizer(text)["input_ids"] for text in TRAINED_TEXTS]
         else:
             prompts = harness.prompts_for(harness.text_token_limit(model.config))
-        return Served(directory, prompts, harness.transformers_greedy(model, prompts))
+        expected = harness.transformers_greedy(model, prompts)
+        return Served(directory, prompts, expected, model=model)
 
     def _build(self, cell: Cell) -> Path:
         original = self._original(cell.family)

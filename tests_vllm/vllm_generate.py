@@ -5,9 +5,13 @@ process loads a list of checkpoints one after another, so vLLM is imported
 once per batch, and prints one JSON line per checkpoint.
 
     .venv-vllm/bin/python tests_vllm/vllm_generate.py JOBS_JSON
+    .venv-vllm/bin/python tests_vllm/vllm_generate.py - < JOB_LINES
 
-JOBS_JSON holds ``[{"model": DIR, "prompts": [[token ids], ...], "tokens": N,
-"dtype": "float32", "tracking": "exact", "speculative": {...}}]``
+JOBS_JSON holds a list of jobs; with ``-``, one job per line comes on standard
+input as the test side prepares it (the tier runs vLLM on a checkpoint while
+it compresses the next one), until the input closes. A job is
+``{"model": DIR, "prompts": [[token ids], ...], "tokens": N,
+"dtype": "float32", "tracking": "exact", "speculative": {...}}``
 (``"as_shipped"``: vLLM's weight tracking without
 :func:`shims.track_aliased_parameters`; ``speculative``: vLLM's
 ``speculative_config``, e.g. MTP, if any),
@@ -33,6 +37,8 @@ import gc
 import json
 import os
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 LOGITS = 5
@@ -98,13 +104,25 @@ def generate(
     return result
 
 
-def main(jobs_path: str) -> None:
+def _jobs(source: str) -> Iterator[dict]:
+    if source != "-":
+        yield from json.loads(Path(source).read_text())
+        return
+    for line in sys.stdin:
+        if line.strip():
+            yield json.loads(line)
+
+
+def main(source: str) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     import shims
 
     shims.install()
-    for job in json.loads(Path(jobs_path).read_text()):
+    for number, job in enumerate(_jobs(source), start=1):
+        if number % shims.FULL_COLLECTION_EVERY == 0:
+            shims.full_collection()
         shims.CORRECT_TRACKING = job.get("tracking", "exact") == "exact"
+        started = time.monotonic()
         try:
             result = generate(
                 job["model"],
@@ -116,6 +134,7 @@ def main(jobs_path: str) -> None:
             result["ok"] = True
         except Exception as error:  # noqa: BLE001 - reported per checkpoint
             result = {"ok": False, "error": f"{type(error).__name__}: {error}"}
+        result["seconds"] = round(time.monotonic() - started, 2)
         print(json.dumps({"model": job["model"], **result}), flush=True)
     os._exit(0)  # vLLM's teardown at exit is slow and not needed
 

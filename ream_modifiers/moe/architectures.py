@@ -39,7 +39,7 @@ __all__ = [
 # anything else cannot be served
 PACKED_PARAMS = ("weight_packed", "weight_scale", "bias")
 
-Scoring = Literal["softmax", "sigmoid"]
+Scoring = Literal["softmax", "sigmoid", "sparsemixer"]
 GroupScore = Literal["top2_sum", "max"]
 BiasLocation = Literal["router", "block"]
 
@@ -60,7 +60,11 @@ class MoEArchSpec:
     :param router_attr: attribute path (dotted) from the MoE block to the module
         holding the router ``weight`` (``gate``, Hunyuan's ``gate.wg``)
     :param experts_attr: attribute of the MoE block holding the routed experts
-    :param scoring: ``softmax`` over all experts or independent ``sigmoid`` scores
+    :param scoring: ``softmax`` over all experts, independent ``sigmoid`` scores,
+        or PhiMoE's ``sparsemixer`` (each of the top-k picked in turn by logit,
+        weighted by a softmax over the logits within a relative margin of it)
+    :param sparsemixer_eps_key: config key of sparsemixer's margin (half the
+        relative logit gap it keeps, PhiMoE's ``router_jitter_noise``)
     :param renormalize: whether the top-k weights are renormalised, when the family
         has no config switch for it
     :param renormalize_key: config key that switches renormalisation, if any
@@ -129,6 +133,17 @@ class MoEArchSpec:
         the hub's fused tensors (Granite-MoE's ``input_linear``, Qwen3-VL-MoE).
         ``load_moe_model`` adds them while loading
         (:func:`ream_modifiers.moe.conversions.per_expert_checkpoints`)
+    :param hub_architectures: the config's ``architectures`` as hub checkpoints
+        name them, when transformers' class name differs and vLLM's registry
+        knows only the hub's (PhiMoE's ``PhiMoEForCausalLM``; transformers saves
+        ``PhimoeForCausalLM``, which vLLM would serve through its slower
+        Transformers backend). Written back on every save
+    :param reload_ignore: ``quantization_config.ignore`` entries added to a
+        saved quantized checkpoint for transformers: compressed-tensors writes
+        the ignore list under hub names, while transformers matches it against
+        its own (renamed) modules on reload, so a router that is an
+        ``nn.Linear`` under another name there would be rebuilt quantized
+        (PhiMoE's ``mlp.router``, stored as ``block_sparse_moe.gate``)
     :param router_quantizable_in_vllm: whether vLLM builds the router as a
         linear layer that a quantization config can target (Qwen3-MoE's gate,
         Hunyuan's ``gate.wg``); elsewhere it is always unquantized
@@ -140,6 +155,7 @@ class MoEArchSpec:
     router_attr: str = "gate"
     experts_attr: str = "experts"
     scoring: Scoring = "softmax"
+    sparsemixer_eps_key: str | None = None
     renormalize: bool = True
     renormalize_key: str | None = None
     n_group_key: str | None = None
@@ -166,6 +182,8 @@ class MoEArchSpec:
     intermediate_size_key: str = "moe_intermediate_size"
     router_quantizable_in_vllm: bool = False
     per_expert_load: bool = False
+    hub_architectures: tuple[str, ...] = ()
+    reload_ignore: tuple[str, ...] = ()
 
     @property
     def num_experts_key(self) -> str:
@@ -325,12 +343,17 @@ def get_arch_spec(config: PretrainedConfig) -> MoEArchSpec:
     :param config: the model's config (a VL wrapper's text config is used)
     :raises UnsupportedFamilyError: a family that cannot be reduced, with why
     """
+    # a refused wrapper is refused whatever its language model (Kimi-K2.5's is
+    # a DeepSeek-V3 model, which alone would be supported)
+    for model_type in dict.fromkeys(
+        [config.model_type, text_config(config).model_type]
+    ):
+        if model_type in UNSUPPORTED_FAMILIES:
+            raise UnsupportedFamilyError(UNSUPPORTED_FAMILIES[model_type])
     config = text_config(config)
     spec = ARCHITECTURES.get(config.model_type)
     if spec is not None:
         return spec
-    if config.model_type in UNSUPPORTED_FAMILIES:
-        raise UnsupportedFamilyError(UNSUPPORTED_FAMILIES[config.model_type])
     return detect_spec(config)
 
 

@@ -8,12 +8,9 @@ new modules would be silently skipped or crash the later save.
 
 from __future__ import annotations
 
-import json
-import os
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 from compressed_tensors import align_module_device
@@ -33,7 +30,6 @@ __all__ = [
     "set_router_rows",
     "sync_config",
     "expert_count_values",
-    "patch_saved_config",
 ]
 
 # Attributes in which modules cache the expert count they were built with: the
@@ -187,26 +183,3 @@ def sync_config(model: PreTrainedModel, spec: MoEArchSpec, num_experts: int) -> 
         setattr(config, key, value)
         if old != value:
             logger.info(f"config.{key}: {old} -> {value}")
-
-
-def patch_saved_config(save_dir: str | os.PathLike, values: Mapping[str, object]):
-    """
-    Rewrite keys of a saved ``config.json`` (of its ``text_config`` when the model
-    is a VL wrapper). llm-compressor's save re-reads the original config and
-    reverts most changed keys; this puts them back.
-    """
-    path = Path(save_dir) / "config.json"
-    config = json.loads(path.read_text())
-    target = (
-        config.get("text_config")
-        if isinstance(config.get("text_config"), dict)
-        else config
-    )
-    changed = {k: v for k, v in values.items() if target.get(k) != v}
-    if not changed:
-        return
-    target.update(changed)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    logger.info(f"Patched {path}: {changed}")

@@ -28,6 +28,7 @@ class RoutingSpec:
     :param topk_group: groups a token may draw experts from
     :param group_score: ``top2_sum`` (DeepSeek-V3) or ``max`` (DeepSeek-V2)
     :param scaling_factor: constant multiplying the routed weights
+    :param sparsemixer_eps: sparsemixer's relative logit margin
     """
 
     num_experts: int
@@ -38,6 +39,7 @@ class RoutingSpec:
     topk_group: int | None = None
     group_score: str = "top2_sum"
     scaling_factor: float = 1.0
+    sparsemixer_eps: float = 0.01
 
     @classmethod
     def from_config(cls, config: PretrainedConfig, spec: MoEArchSpec) -> RoutingSpec:
@@ -50,6 +52,9 @@ class RoutingSpec:
         scaling = 1.0
         if spec.scaling_factor_key is not None:
             scaling = float(getattr(config, spec.scaling_factor_key, 1.0) or 1.0)
+        eps = cls.sparsemixer_eps
+        if spec.sparsemixer_eps_key is not None:
+            eps = float(getattr(config, spec.sparsemixer_eps_key, eps))
         return cls(
             num_experts=int(getattr(config, spec.num_experts_key)),
             top_k=int(getattr(config, spec.top_k_key)),
@@ -59,6 +64,7 @@ class RoutingSpec:
             topk_group=topk_group,
             group_score=spec.group_score,
             scaling_factor=scaling,
+            sparsemixer_eps=eps,
         )
 
     @property
@@ -75,7 +81,11 @@ class RoutingSpec:
         return self.topk_group * (kept_per_layer // self.n_group)
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
-        """Per-expert routing probabilities in fp32, before selection."""
+        """
+        Per-expert routing probabilities in fp32, before selection (for
+        sparsemixer, the softmax over all logits: its weights are softmaxes over
+        subsets of them, so this is the distribution they are drawn from).
+        """
         logits = logits.float()
         if self.scoring == "sigmoid":
             return logits.sigmoid()
@@ -93,6 +103,8 @@ class RoutingSpec:
         :return: ``(top_k_index, top_k_weights)``, weights in fp32 as the model
             applies them to the expert outputs
         """
+        if self.scoring == "sparsemixer":
+            return self._sparsemixer(logits.float())
         scores = self.scores(logits)
         choice = scores if correction_bias is None else scores + correction_bias
         if self.n_group is not None:
@@ -102,6 +114,25 @@ class RoutingSpec:
         if self.renormalize:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return index, weights * self.scaling_factor
+
+    def _sparsemixer(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        PhiMoE's inference routing (arXiv 2409.12136): the k-th expert is the
+        k-th largest logit; its weight is its softmax among the logits not yet
+        taken whose gap to it, relative to max(|logit|, its logit), is at most
+        ``2 * eps``.
+        """
+        remaining = logits
+        indices, weights = [], []
+        for _ in range(self.top_k):
+            top, index = remaining.max(dim=-1, keepdim=True)
+            margin = logits.abs().clamp(min=top)
+            outside = (top - logits) / margin > 2 * self.sparsemixer_eps
+            gates = remaining.masked_fill(outside, float("-inf")).softmax(dim=-1)
+            indices.append(index)
+            weights.append(gates.gather(-1, index))
+            remaining = remaining.scatter(-1, index, float("-inf"))
+        return torch.cat(indices, dim=-1), torch.cat(weights, dim=-1)
 
     def _mask_groups(self, choice: torch.Tensor) -> torch.Tensor:
         grouped = choice.view(*choice.shape[:-1], self.n_group, -1)

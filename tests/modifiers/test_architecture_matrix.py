@@ -61,6 +61,7 @@ FAMILIES = [
     "qwen3_vl_moe",
     "qwen3_5_moe",
     "glm4v_moe",
+    "phimoe",
 ]
 # every registered method at 25%, with its quick settings for tiny models
 MODIFIERS = {
@@ -168,6 +169,8 @@ def _check_routers(spec, layers, shapes, quant):
 
 
 def _check_config(spec, config):
+    if spec.hub_architectures:  # the name vLLM's registry knows (PhiMoE)
+        assert config["architectures"] == list(spec.hub_architectures)
     config = config.get("text_config", config)  # a VL wrapper's language model
     for key in spec.num_experts_keys:
         assert config[key] == KEPT, key

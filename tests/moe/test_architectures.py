@@ -2,7 +2,12 @@ import pytest
 from loguru import logger
 from transformers import AutoConfig, LlamaConfig
 
-from ream_modifiers.moe.architectures import ARCHITECTURES, get_arch_spec
+from ream_modifiers.moe.architectures import (
+    ARCHITECTURES,
+    UNSUPPORTED_FAMILIES,
+    UnsupportedFamilyError,
+    get_arch_spec,
+)
 from ream_modifiers.moe.routing import RoutingSpec
 from ream_modifiers.tiny import TINY_CONFIGS
 
@@ -105,3 +110,21 @@ def test_rows_name_nested_routers_and_biases(model_type, router, bias):
     assert spec.router_attr == router and spec.bias_attr == bias
     # a router that is an nn.Linear must be kept away from GPTQ
     assert any(p.endswith(router + "$") for p in spec.quantization_ignore)
+
+
+@pytest.mark.parametrize("model_type", sorted(UNSUPPORTED_FAMILIES))
+def test_refused_families_are_refused_by_their_default_config(model_type):
+    """Every refused model_type, built by transformers' own config class (a
+    wrapper with its default language model), raises with the reason."""
+    family = UNSUPPORTED_FAMILIES[model_type]
+    with pytest.raises(UnsupportedFamilyError) as refused:
+        get_arch_spec(AutoConfig.for_model(model_type))
+    assert f"{family.name} (model_type " in str(refused.value)
+    assert family.fix in str(refused.value)
+
+
+def test_a_refused_wrapper_is_refused_although_its_language_model_is_supported():
+    config = AutoConfig.for_model("kimi_k25")
+    assert config.text_config.model_type in ARCHITECTURES  # DeepSeek-V3
+    with pytest.raises(UnsupportedFamilyError, match="Kimi-K2.5"):
+        get_arch_spec(config)

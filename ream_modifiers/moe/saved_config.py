@@ -1,0 +1,70 @@
+"""
+Keys of a saved checkpoint's ``config.json`` that a save gets wrong: the expert
+counts llm-compressor's save reverts, and the ``architectures`` transformers
+names after its own class, and quantization ignore entries transformers needs
+on reload.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from loguru import logger
+
+from ream_modifiers.moe.architectures import MoEArchSpec
+
+__all__ = ["patch_saved_config", "write_row_config_keys"]
+
+
+def patch_saved_config(save_dir: str | os.PathLike, values: Mapping[str, object]):
+    """
+    Rewrite keys of a saved ``config.json`` (of its ``text_config`` when the model
+    is a VL wrapper). llm-compressor's save re-reads the original config and
+    reverts most changed keys; this puts them back.
+    """
+    path = Path(save_dir) / "config.json"
+    config = json.loads(path.read_text())
+    target = (
+        config.get("text_config")
+        if isinstance(config.get("text_config"), dict)
+        else config
+    )
+    changed = {k: v for k, v in values.items() if target.get(k) != v}
+    if not changed:
+        return
+    target.update(changed)
+    _replace_json(path, config)
+    logger.info(f"Patched {path}: {changed}")
+
+
+def write_row_config_keys(save_dir: str | os.PathLike, spec: MoEArchSpec) -> None:
+    """
+    Write what the family's row says a saved ``config.json`` must hold beyond
+    transformers' save: the hub ``architectures`` (transformers writes its own
+    class name, which vLLM may not know), and ``reload_ignore`` entries in a
+    quantized checkpoint's ignore list.
+    """
+    path = Path(save_dir) / "config.json"
+    config = json.loads(path.read_text())
+    changed = False
+    if spec.hub_architectures and config.get("architectures") != list(
+        spec.hub_architectures
+    ):
+        config["architectures"] = list(spec.hub_architectures)
+        changed = True
+    ignore = config.get("quantization_config", {}).get("ignore")
+    missing = [entry for entry in spec.reload_ignore if entry not in (ignore or [])]
+    if ignore is not None and missing:
+        ignore.extend(missing)
+        changed = True
+    if changed:
+        _replace_json(path, config)
+
+
+def _replace_json(path: Path, content: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
