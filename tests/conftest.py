@@ -13,7 +13,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # if torch came first
+if os.environ["OMP_NUM_THREADS"].isdigit():  # if torch was imported first
+    torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
 from llmcompressor.core import reset_session  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
