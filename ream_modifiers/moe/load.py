@@ -112,10 +112,11 @@ def load_moe_model(
     llm-compressor's sequential pipeline onloads one decoder layer at a time to the
     execution device. Without ``load_context()``, families that llm-compressor can
     load linearized (Qwen2/3-MoE, Qwen3-Next, OLMoE, DeepSeek-V3, GLM-4.5) get
-    their per-expert modules built at construction, so the checkpoint's tensors
-    are used in place (disk: no copy is written); other families are loaded fused
-    and linearized layer by layer, which writes a linearized copy of the experts
-    to the offload folder.
+    their per-expert modules built at construction, in memory or offloaded, so the
+    checkpoint's tensors are used in place (disk: no copy is written; memory: no
+    fused copy beside the linear one); other families are loaded fused and
+    linearized layer by layer, which writes a linearized copy of the experts to
+    the offload folder.
 
     :param model_id: local path or hub ID
     :param dtype: torch dtype of the weights (``"auto"`` keeps the checkpoint's)
@@ -169,8 +170,13 @@ def load_moe_model(
             )
     if offload != "none":
         return _load_offloaded(model_id, dtype, kwargs)
-    # gpt-oss saved per expert (quantized by llm-compressor) loads too
-    with per_expert_checkpoints(_model_type(model_id)):
+    with contextlib.ExitStack() as stack:
+        # gpt-oss saved per expert (quantized by llm-compressor) loads too
+        stack.enter_context(per_expert_checkpoints(_model_type(model_id)))
+        # per-expert modules filled straight from the checkpoint: loading fused
+        # and linearizing afterwards held both copies of the experts at once
+        # (peak 1.9x the model's bytes while loading, BENCHMARKS.md "Memory")
+        stack.enter_context(_linear_experts_at_construction(model_id, kwargs))
         model = _load_checked(model_id, dtype, kwargs)
     return _linearized(model)
 

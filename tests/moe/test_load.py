@@ -32,6 +32,33 @@ def test_both_load_paths_give_the_checkpoint_weights(tiny_model_dir, use_load_co
         )
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_in_memory_load_builds_no_fused_copy_of_the_experts(
+    tiny_model_dir, monkeypatch, family
+):
+    """
+    Without load_context(), the experts are built per expert at construction and
+    filled from the checkpoint: the fused experts class is never instantiated.
+    Loading fused and linearizing afterwards held both copies of every expert
+    at once (1.9x the model's bytes while loading, BENCHMARKS.md "Memory").
+    """
+    from llmcompressor.modeling.moe.linearize import get_linearize_load_mappings
+
+    path = tiny_model_dir(family)  # built (with fused experts) before counting
+    fused_cls = get_linearize_load_mappings(family)[0]
+    built = []
+    original = fused_cls.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(type(self).__name__)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(fused_cls, "__init__", counting_init)
+    model = load_moe_model(path, use_load_context=False)
+    assert built == []
+    assert len(find_moe_layers(model)) == 2
+
+
 def test_kimi_k2_checkpoint_loads_its_experts_not_random_ones(tiny_model_dir, tmp_path):
     """
     A Kimi-K2 checkpoint is DeepSeek-V3 weights in the hub's per-expert layout

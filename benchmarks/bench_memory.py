@@ -1,0 +1,152 @@
+"""
+Memory of an in-memory run (issue 16 §1), by phase: REAM 50% + GPTQ W4A16 on a
+random Qwen3-MoE, loaded two ways side by side, each in a fresh process:
+
+- ``fused``: transformers' ``from_pretrained`` (experts fused), then
+  llm-compressor's ``linearize_moe`` (what ``load_moe_model`` did without
+  ``load_context()`` before 2026-12-04);
+- ``direct``: ``load_moe_model`` (per-expert modules built at construction and
+  filled from the checkpoint).
+
+    .venv/bin/python benchmarks/bench_memory.py [--layers 6 --experts 32]
+
+Per phase (load, oneshot, save): peak anonymous memory above the runtime and
+peak file-backed pages (the memory-mapped safetensors), both over the model's
+bytes, and the whole process's peak RSS over the model's bytes. Writes
+results/memory.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+from pathlib import Path
+
+from common import (
+    RESULTS,
+    PeakSampler,
+    gptq_stage,
+    memory_status,
+    print_result,
+    quiet,
+    run_measured,
+)
+
+HERE = Path(__file__).parent
+
+
+def _load(model_dir: str, how: str):
+    import torch
+
+    if how == "direct":
+        from ream_modifiers.moe import load_moe_model
+
+        return load_moe_model(model_dir, dtype=torch.float32, use_load_context=False)
+    from llmcompressor.modeling.moe.linearize import linearize_moe
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    linearize_moe(model)
+    return model
+
+
+def child(args) -> None:
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from transformers import AutoTokenizer
+
+    from ream_modifiers import REAMModifier
+    from ream_modifiers.data import build_calibration_dataset
+
+    quiet()
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    dataset = build_calibration_dataset(
+        "bundled", tokenizer, args.samples, args.seq_len
+    )
+    runtime_rss = memory_status("VmRSS")
+    runtime_anon = memory_status("RssAnon")
+    sampler = PeakSampler()
+    sampler.start()
+    sampler.enter("load")
+    model = _load(args.model_dir, args.load)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    sampler.enter("oneshot")
+    oneshot(
+        model=model,
+        dataset=dataset,
+        processor=tokenizer,
+        recipe=[REAMModifier(sparsity=0.5), GPTQModifier(**gptq_stage())],
+        num_calibration_samples=args.samples,
+        max_seq_length=args.seq_len,
+    )
+    sampler.enter("save")
+    with tempfile.TemporaryDirectory() as out:
+        model.save_pretrained(out)
+    phases = sampler.stop()
+    phases.pop("start", None)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print_result(
+        {
+            "load": args.load,
+            "model_bytes": model_bytes,
+            "peak_rss_over_model": round(peak / model_bytes, 3),
+            "peak_rss_above_runtime_over_model": round(
+                (peak - runtime_rss) / model_bytes, 3
+            ),
+            "phases": {
+                phase: {
+                    "anon_above_runtime_over_model": round(
+                        (peaks["anon"] - runtime_anon) / model_bytes, 3
+                    ),
+                    "file_over_model": round(peaks["file"] / model_bytes, 3),
+                }
+                for phase, peaks in phases.items()
+            },
+        }
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--child", action="store_true")
+    parser.add_argument("--model-dir")
+    parser.add_argument("--load", choices=["fused", "direct"], default="direct")
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--experts", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    from bench_scale import build_model
+
+    with tempfile.TemporaryDirectory() as work:
+        model_dir = Path(work) / "model"
+        build_model(model_dir, args.experts, args)
+        runs = []
+        for how in ("fused", "direct"):
+            command = [sys.executable, __file__, "--child", "--load", how]
+            command += ["--model-dir", str(model_dir), "--samples", str(args.samples)]
+            command += ["--seq-len", str(args.seq_len)]
+            runs.append(run_measured(command, HERE))
+    result = {
+        "model": {
+            k: getattr(args, k) for k in ("layers", "experts", "hidden", "width")
+        },
+        "calibration": {"samples": args.samples, "seq_len": args.seq_len},
+        "runs": runs,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "memory.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
