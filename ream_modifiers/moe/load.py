@@ -168,34 +168,30 @@ def load_moe_model(
                 f"load_context() failed ({error}); loading fused and linearizing "
                 "after load instead"
             )
-    if offload != "none":
-        return _load_offloaded(model_id, dtype, kwargs)
+    return _load_with_linear_experts(model_id, dtype, kwargs, offload != "none")
+
+
+def _load_with_linear_experts(
+    model_id, dtype, kwargs: dict, offloaded: bool
+) -> PreTrainedModel:
+    """
+    ``from_pretrained`` with linear experts built at construction where
+    llm-compressor has a per-expert load mapping for the family (loading fused
+    and linearizing afterwards held both copies of the experts at once: 1.9x the
+    model's bytes while loading, BENCHMARKS.md "Memory by phase"). ``offloaded``:
+    inside compressed-tensors' ``load_offloaded_model()`` (accelerate places the
+    weights, then they are converted to compressed-tensors offloading).
+    """
     with contextlib.ExitStack() as stack:
         # gpt-oss saved per expert (quantized by llm-compressor) loads too
         stack.enter_context(per_expert_checkpoints(_model_type(model_id)))
-        # per-expert modules filled straight from the checkpoint: loading fused
-        # and linearizing afterwards held both copies of the experts at once
-        # (peak 1.9x the model's bytes while loading, BENCHMARKS.md "Memory")
-        stack.enter_context(_linear_experts_at_construction(model_id, kwargs))
-        model = _load_checked(model_id, dtype, kwargs)
-    return _linearized(model)
-
-
-def _load_offloaded(model_id, dtype, kwargs: dict) -> PreTrainedModel:
-    """
-    ``from_pretrained`` inside compressed-tensors' ``load_offloaded_model()``
-    (accelerate places the weights, then they are converted to compressed-tensors
-    offloading), with linear experts built at construction where llm-compressor
-    has a per-expert load mapping for the family.
-    """
-    from compressed_tensors.offload import load_offloaded_model
-
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(per_expert_checkpoints(_model_type(model_id)))
         direct = stack.enter_context(_linear_experts_at_construction(model_id, kwargs))
-        stack.enter_context(load_offloaded_model())
+        if offloaded:
+            from compressed_tensors.offload import load_offloaded_model
+
+            stack.enter_context(load_offloaded_model())
         model = _load_checked(model_id, dtype, kwargs)
-    if not direct:
+    if offloaded and not direct:
         logger.warning(
             f"{type(model).__name__}: no per-expert load mapping; linearizing the "
             "offloaded fused experts layer by layer (writes a linearized copy of the "
