@@ -24,7 +24,7 @@ from ream_modifiers.moe import load_moe_model  # noqa: E402
 from ream_modifiers.tiny import build_tiny_moe  # noqa: E402
 
 MODEL_TYPES = ["qwen3_moe", "mixtral", "deepseek_v3"]
-ROUTING_TYPES = [*MODEL_TYPES, "qwen2_moe", "phimoe"]
+ROUTING_TYPES = [*MODEL_TYPES, "qwen2_moe", "phimoe", "kimi_linear"]
 NUM_SAMPLES = 16
 SEQ_LEN = 32
 

@@ -98,6 +98,11 @@ class MoEArchSpec:
         that map the hub's per-expert tensor names to the linearized module names,
         for families whose hub names differ and llm-compressor has no mapping
         (Mixtral's ``block_sparse_moe.experts.{i}.w1/w2/w3``)
+    :param keep_load_conversions: whether saving keeps transformers' own
+        conversion mapping for the family (less its converters into the fused
+        experts) before ``linear_save_renames``: for families whose load also
+        converts tensors other than the experts (Kimi-Linear's q/k/v conv1d
+        concatenation and forget-gate renames), which a save must reverse
     :param hub_block_attr: name of the MoE block in hub checkpoints, when it
         differs from the in-memory ``mlp`` (Mixtral's ``block_sparse_moe``)
     :param hub_projections: hub names of the gate, up and down projections of
@@ -172,6 +177,7 @@ class MoEArchSpec:
     shared_expert_gate_attr: str | None = None
     quantization_ignore: tuple[str, ...] = field(default=_BASE_IGNORE)
     linear_save_renames: tuple[tuple[str, str], ...] = ()
+    keep_load_conversions: bool = False
     hub_block_attr: str | None = None
     hub_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     fused_experts: tuple[str, ...] = ()

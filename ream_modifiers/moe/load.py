@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
 import sys
 from collections.abc import Iterator
 
@@ -65,9 +66,29 @@ def ensure_hub_save_names(model: PreTrainedModel) -> None:
             [] if _experts_quantized(model) else fused_save_conversions()
         )
     elif spec.linear_save_renames:
-        model._weight_conversions = [
+        renames = [
             WeightRenaming(disk, memory) for disk, memory in spec.linear_save_renames
         ]
+        kept = (
+            _non_expert_conversions(model.config.model_type, spec.experts_attr)
+            if spec.keep_load_conversions
+            else []
+        )
+        model._weight_conversions = kept + renames
+
+
+def _non_expert_conversions(model_type: str, experts_attr: str) -> list:
+    """
+    transformers' conversion mapping for ``model_type`` without the converters
+    into the fused experts, which have nothing to match once the experts are
+    linearized: what a save must still reverse for the other tensors.
+    """
+    fused = re.compile(rf"{re.escape(experts_attr)}\W*\.?(gate_up_proj|down_proj)")
+    return [
+        transform
+        for transform in get_checkpoint_conversion_mapping(model_type) or []
+        if not any(fused.search(target) for target in transform.target_patterns)
+    ]
 
 
 def _experts_quantized(model: PreTrainedModel) -> bool:

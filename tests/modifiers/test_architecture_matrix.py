@@ -62,6 +62,7 @@ FAMILIES = [
     "qwen3_5_moe",
     "glm4v_moe",
     "phimoe",
+    "kimi_linear",
 ]
 # every registered method at 25%, with its quick settings for tiny models
 MODIFIERS = {

@@ -105,10 +105,18 @@ def test_kimi_k2_mapping_is_registered_on_import():
     ]
 
 
-def test_gpt_oss_saves_fused_like_the_hub(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize(
+    "family", ["gpt_oss", "mixtral", "hy_v3", "phimoe", "lfm2_moe", "kimi_linear"]
+)
+def test_a_linearized_model_saves_under_the_hub_names(tiny_model_dir, tmp_path, family):
+    """
+    gpt-oss is saved fused like the hub; the families whose hub names differ
+    from transformers' get them back, Kimi-Linear also its q/k/v conv1d split
+    and forget-gate names (transformers' own conversions, kept on save).
+    """
     from safetensors import safe_open
 
-    path = tiny_model_dir("gpt_oss")
+    path = tiny_model_dir(family)
     model = load_moe_model(path, dtype=torch.float32)
     model.save_pretrained(tmp_path / "out")
     with safe_open(next((tmp_path / "out").glob("*.safetensors")), "pt") as handle:
