@@ -23,6 +23,7 @@ from transformers import AutoConfig, PreTrainedTokenizerFast
 from ream_modifiers.data.calibration import bundled_texts
 from ream_modifiers.moe.architectures import ARCHITECTURES
 from ream_modifiers.moe.auto import auto_model_class
+from ream_modifiers.moe.conversions import hub_save_conversions
 from ream_modifiers.moe.saved_config import write_row_config_keys
 
 __all__ = ["TINY_CONFIGS", "TINY_PROCESSORS", "build_tokenizer", "build_tiny_moe"]
@@ -43,11 +44,20 @@ def _load_configs() -> dict[str, dict[str, Any]]:
     for model_type, entry in yaml.safe_load(text).items():
         if model_type.startswith("_"):
             continue
-        entry = dict(entry)
-        for key in entry.pop("drop", ()):
-            entry.pop(key)
-        configs[model_type] = entry
+        configs[model_type] = _without_dropped_keys(entry)
     return configs
+
+
+def _without_dropped_keys(entry: dict[str, Any]) -> dict[str, Any]:
+    """An entry without its ``drop`` keys, also inside a nested ``text_config``
+    (which can start from another family's entry)."""
+    entry = {
+        key: _without_dropped_keys(value) if isinstance(value, dict) else value
+        for key, value in entry.items()
+    }
+    for key in entry.pop("drop", ()):
+        entry.pop(key)
+    return entry
 
 
 # Per model_type: config kwargs of a 2-MoE-layer model with 8 experts, top-2.
@@ -128,6 +138,11 @@ def build_tiny_moe(
         kwargs[spec.mtp_layers_key or "mtp_num_hidden_layers"] = mtp_layers
     config = AutoConfig.for_model(model_type, **kwargs)
     model = _random_model(config, seed, dtype)
+    if spec is not None and spec.keep_load_converters:
+        # transformers' own reverse of these families' renames is not the hub's
+        model._weight_conversions = hub_save_conversions(
+            model_type, spec, linearized=False
+        )
     save_dir = Path(save_dir)
     model.save_pretrained(save_dir)
     if spec is not None:

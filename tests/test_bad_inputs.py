@@ -83,14 +83,14 @@ UNSUPPORTED_CONFIGS = {
         vocab_size=512,
         ffn_config={"moe_num_experts": 8, "moe_top_k": 2, "ffn_hidden_size": 128},
     ),
-    # a vision-language wrapper around a supported language model (Kimi-K2's)
-    "kimi_k25": dict(
-        model_type="kimi_k25",
-        architectures=["KimiK25ForConditionalGeneration"],
+    # a refused vision-language wrapper
+    "llama4": dict(
+        model_type="llama4",
+        architectures=["Llama4ForConditionalGeneration"],
         text_config=dict(
-            model_type="kimi_k2",
-            n_routed_experts=8,
-            num_experts_per_tok=2,
+            model_type="llama4_text",
+            num_local_experts=8,
+            num_experts_per_tok=1,
             **_SMALL,
         ),
     ),
@@ -238,10 +238,10 @@ CASES = {
         "serve MiniMax-M2",
         model="minimax",
     ),
-    "unsupported-family-kimi-k25": Case(
-        "(model_type 'kimi_k25'), which cannot be reduced: not supported yet",
-        "reduce the text-only Kimi-K2 (model_type kimi_k2)",
-        model="kimi_k25",
+    "unsupported-family-llama4": Case(
+        "(model_type 'llama4'), which cannot be reduced: not supported yet",
+        "Llama-4 needs input-weighted saliency",
+        model="llama4",
     ),
     "unsupported-family-dbrx": Case(
         "is DBRX (model_type 'dbrx'), which cannot be reduced",

@@ -18,7 +18,14 @@ from ream_modifiers.moe.architectures import ARCHITECTURES
 from ream_modifiers.processor_files import copy_processor_files
 from tests.check.editing import drop, edited
 
-FAMILIES = ("qwen3_vl_moe", "qwen3_5_moe", "glm4v_moe")
+FAMILIES = ("qwen3_vl_moe", "qwen3_5_moe", "glm4v_moe", "kimi_k25")
+# where each family keeps its vision tower, and its projector (merger)
+TOWERS = {
+    "qwen3_vl_moe": ("model.visual.", ".merger."),
+    "qwen3_5_moe": ("model.visual.", ".merger."),
+    "glm4v_moe": ("model.visual.", ".merger."),
+    "kimi_k25": ("vision_tower.", "mm_projector."),
+}
 
 
 def _tensors(directory: Path) -> dict:
@@ -33,7 +40,8 @@ def _vision(tensors: dict) -> dict:
     return {
         name: tensor
         for name, tensor in tensors.items()
-        if any(marker in name for marker in VISION_MARKERS)
+        # Kimi-K2.5's projector sits beside its tower
+        if any(marker in name for marker in (*VISION_MARKERS, "mm_projector."))
     }
 
 
@@ -50,10 +58,14 @@ def compressed(request, tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
     return source, out
 
 
+def _family(out: Path) -> str:
+    return json.loads((out / "config.json").read_text())["model_type"]
+
+
 def test_vision_tower_saved_bit_identical_and_unquantized(compressed):
     source, out = compressed
     before, after = _vision(_tensors(source)), _vision(_tensors(out))
-    assert len(before) > 20  # patch embed, 2 blocks, merger, deepstack merger
+    assert len(before) > 20  # patch embed, 2 blocks, merger/projector
     assert sorted(after) == sorted(before)  # no weight_packed/scale companions
     for name, tensor in before.items():
         assert after[name].dtype == tensor.dtype, name
@@ -65,7 +77,7 @@ def test_vision_tower_saved_bit_identical_and_unquantized(compressed):
         for n, t in before.items()
         if t.ndim == 2 and "embed" not in n
     }
-    assert any(".merger." in name for name in linears)
+    assert any(TOWERS[_family(out)][1] in name for name in linears)
     assert linears <= set(quantization["ignore"])
 
 
@@ -78,10 +90,11 @@ def test_language_model_experts_reduced_and_quantized(compressed):
     assert "vision_config" in config
     report = check_checkpoint(out)
     assert report.violations == []
-    # two MoE layers of 6 (GLM-4.5V's first layer is dense)
+    # two MoE layers of 6 (GLM-4.5V's and Kimi-K2.5's first layer is dense)
     assert list(report.experts_per_layer.values()) == [6, 6]
     first = next(iter(report.experts_per_layer))
-    assert first.startswith("model.language_model.layers.")
+    # Kimi-K2.5's hub (and vLLM) names put the language model first
+    assert first.startswith(("model.language_model.layers.", "language_model.model."))
     names = _tensors(out)
     assert f"{first}.experts.5.down_proj.weight_packed" in names
     assert f"{first}.experts.6.down_proj.weight_packed" not in names
@@ -102,7 +115,7 @@ def test_processor_config_copied_from_the_source(compressed):
 
 def test_checker_flags_missing_vision_weights_and_processor(compressed, tmp_path):
     _, out = compressed
-    broken = edited(out, tmp_path / "b", tensors=drop("model.visual."))
+    broken = edited(out, tmp_path / "b", tensors=drop(TOWERS[_family(out)][0]))
     (broken / "preprocessor_config.json").unlink()
     report = check_checkpoint(broken)
     assert report.codes == ["no-vision-weights", "no-preprocessor-config"]

@@ -46,6 +46,7 @@ VLLM_OVERRIDES: dict[str, dict] = {
         kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=32, index_head_dim=128
     ),
     "glm4_moe_lite": dict(kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=32),
+    "kimi_k25": dict(kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=32),
     "qwen3_next": dict(
         head_dim=128, linear_key_head_dim=128, linear_value_head_dim=128
     ),

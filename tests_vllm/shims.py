@@ -7,7 +7,8 @@ compressed-tensors ignore list, the per-expert ``weight_packed``/``weight_scale`
 loading, w13 stacking and the router's weights are vLLM's own code in every
 test. The fourth makes vLLM's strict weight tracking exact; the fifth lets
 an unquantized MoE layer (a carried MTP layer) sit beside the int4 ones; the
-sixth only saves time.
+sixth only saves time; the seventh lets the CPU worker start once numba is
+imported.
 
 1. :func:`run_int4_experts_in_pytorch`. vLLM has no int4 (W4A16) MoE kernel for
    x86 CPUs without AMX: ``fused_moe/oracle/int_wna16.py`` offers only ZEN_CPU
@@ -49,12 +50,22 @@ sixth only saves time.
    only; the worker runs a full collection itself every
    :data:`FULL_COLLECTION_EVERY` checkpoints (memory grows by about 3 MB per
    checkpoint in between).
+7. :func:`scan_kernels_past_llvmlite`. At worker start the CPU platform
+   rebinds Triton kernels by scanning every imported module's attributes
+   (``triton_utils/dispatcher.py``, ``_rebind_kernels``), and reads
+   ``vars(value).get("kernel")`` of any value with a ``__dict__``. llvmlite's
+   library handle (``llvmlite.binding.ffi.lib``) answers any attribute, so its
+   ``__dict__`` is a wrapped C function and the scan raises AttributeError.
+   Kimi-K2.5's image processor imports numba (hence llvmlite), so the CPU
+   build cannot start any Kimi-K2.5 model. The patch hides that one module
+   from the scan; llvmlite holds no Triton kernel.
 """
 
 from __future__ import annotations
 
 import gc
 import inspect
+import sys
 import types
 
 import torch
@@ -264,11 +275,28 @@ def collect_young_generations() -> None:
     gc.collect = collect
 
 
+def scan_kernels_past_llvmlite() -> None:
+    from vllm.triton_utils import dispatcher
+
+    rebind = dispatcher._rebind_kernels
+
+    def rebind_without_llvmlite(pairs) -> None:
+        hidden = sys.modules.pop("llvmlite.binding.ffi", None)
+        try:
+            rebind(pairs)
+        finally:
+            if hidden is not None:
+                sys.modules["llvmlite.binding.ffi"] = hidden
+
+    dispatcher._rebind_kernels = rebind_without_llvmlite
+
+
 def install() -> None:
-    """All six; each changes only what is described above."""
+    """All seven; each changes only what is described above."""
     run_int4_experts_in_pytorch()
     dequantize_in_float32()
     route_with_selection_bias()
     track_aliased_parameters()
     unquantized_experts_ignore_emulation()
     collect_young_generations()
+    scan_kernels_past_llvmlite()

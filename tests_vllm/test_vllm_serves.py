@@ -65,6 +65,7 @@ NOISY = {
     "deepseek_v2": ("MLA numerics", 0.1),
     "deepseek_v3": ("MLA numerics", 0.1),
     "glm4_moe_lite": ("MLA numerics", 0.1),
+    "kimi_k25": ("MLA numerics", 0.1),
     # its linear attention runs in bfloat16 only on vLLM's CPU build
     "qwen3_next": ("bfloat16", 0.2),
     "qwen3_5_moe_text": ("bfloat16", 0.2),

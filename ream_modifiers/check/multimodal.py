@@ -17,7 +17,8 @@ from ream_modifiers.check.report import CheckReport
 __all__ = ["VISION_MARKERS", "check_multimodal"]
 
 # what a vision tower's tensor names contain in every wrapper we support
-# (Qwen3-VL `model.visual.*`, GLM-4.5V `model.visual.*`, ERNIE-VL `vision_model`)
+# (Qwen3-VL and GLM-4.5V `model.visual.*`, ERNIE-VL `vision_model`, Kimi-K2.5
+# `vision_tower.*`, whose projector is apart as `mm_projector.*`)
 VISION_MARKERS = ("visual.", "vision_model.", "vision_tower.")
 
 

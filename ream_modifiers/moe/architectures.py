@@ -98,11 +98,14 @@ class MoEArchSpec:
         that map the hub's per-expert tensor names to the linearized module names,
         for families whose hub names differ and llm-compressor has no mapping
         (Mixtral's ``block_sparse_moe.experts.{i}.w1/w2/w3``)
-    :param keep_load_conversions: whether saving keeps transformers' own
-        conversion mapping for the family (less its converters into the fused
-        experts) before ``linear_save_renames``: for families whose load also
-        converts tensors other than the experts (Kimi-Linear's q/k/v conv1d
-        concatenation and forget-gate renames), which a save must reverse
+    :param keep_load_converters: whether saving keeps the ``WeightConverter``
+        entries of transformers' own conversion mapping for the family (less
+        those into the fused experts) beside ``linear_save_renames``: for
+        families whose load also splits or concatenates other tensors
+        (Kimi-Linear's q/k/v conv1d, Kimi-K2.5's vision wqkv), which a save must
+        reverse. transformers' renames are not kept: their reverses are
+        unanchored (Kimi-Linear's ``.mlp.`` -> ``.block_sparse_moe.`` would also
+        rename the dense layers' MLP), so such a row lists its renames itself
     :param hub_block_attr: name of the MoE block in hub checkpoints, when it
         differs from the in-memory ``mlp`` (Mixtral's ``block_sparse_moe``)
     :param hub_projections: hub names of the gate, up and down projections of
@@ -177,7 +180,7 @@ class MoEArchSpec:
     shared_expert_gate_attr: str | None = None
     quantization_ignore: tuple[str, ...] = field(default=_BASE_IGNORE)
     linear_save_renames: tuple[tuple[str, str], ...] = ()
-    keep_load_conversions: bool = False
+    keep_load_converters: bool = False
     hub_block_attr: str | None = None
     hub_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     fused_experts: tuple[str, ...] = ()
@@ -346,20 +349,21 @@ def get_arch_spec(config: PretrainedConfig) -> MoEArchSpec:
     Look up the family of ``config``; unknown families are detected from the config
     keys, with a warning.
 
-    :param config: the model's config (a VL wrapper's text config is used)
+    :param config: the model's config; a vision-language wrapper's own row is
+        used where the table has one (its vision tower's quantization ignore
+        entries, its save names), else its text config's
     :raises UnsupportedFamilyError: a family that cannot be reduced, with why
     """
-    # a refused wrapper is refused whatever its language model (Kimi-K2.5's is
-    # a DeepSeek-V3 model, which alone would be supported)
-    for model_type in dict.fromkeys(
-        [config.model_type, text_config(config).model_type]
-    ):
+    model_types = list(
+        dict.fromkeys([config.model_type, text_config(config).model_type])
+    )
+    # a refused wrapper is refused whatever its language model
+    for model_type in model_types:
         if model_type in UNSUPPORTED_FAMILIES:
             raise UnsupportedFamilyError(UNSUPPORTED_FAMILIES[model_type])
-    config = text_config(config)
-    spec = ARCHITECTURES.get(config.model_type)
-    if spec is not None:
-        return spec
+    for model_type in model_types:
+        if model_type in ARCHITECTURES:
+            return ARCHITECTURES[model_type]
     return detect_spec(config)
 
 

@@ -13,6 +13,10 @@ MoE families here need beyond what transformers and llm-compressor register.
   transpose the hub's fused tensors, so per-expert tensors (what is saved
   here, and what vLLM reads) load back only inside
   :func:`per_expert_checkpoints`.
+- Families whose hub names differ from transformers' get them back on save
+  from the table's renames (:func:`hub_save_conversions`), beside
+  transformers' own converters of other tensors where the row keeps them
+  (Kimi-Linear's conv1d, Kimi-K2.5's vision wqkv).
 - Kimi-K2 checkpoints (``model_type: kimi_k2``) load into DeepSeek-V3 classes,
   but transformers keys conversion mappings by model type and has none for
   ``kimi_k2``: its experts would silently stay random
@@ -22,7 +26,9 @@ MoE families here need beyond what transformers and llm-compressor register.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from loguru import logger
 from transformers.conversion_mapping import (
@@ -37,11 +43,16 @@ from transformers.core_model_loading import (
     SplitModulelist,
     Transpose,
     WeightConverter,
+    WeightRenaming,
     WeightTransform,
 )
 
+if TYPE_CHECKING:
+    from ream_modifiers.moe.architectures import MoEArchSpec
+
 __all__ = [
     "fused_save_conversions",
+    "hub_save_conversions",
     "per_expert_load_conversions",
     "per_expert_checkpoints",
     "register_loaded_as_mappings",
@@ -119,6 +130,43 @@ def fused_save_conversions() -> list[WeightTransform]:
             [SplitModulelist(dim=0)],
         ),
     ]
+
+
+def hub_save_conversions(
+    model_type: str, spec: MoEArchSpec, linearized: bool
+) -> list[WeightTransform]:
+    """
+    For ``model._weight_conversions`` (written in the load direction; a save
+    applies the reverse): the row's ``linear_save_renames`` and, for a row with
+    ``keep_load_converters``, transformers' own converters for ``model_type``.
+
+    :param model_type: the loaded model's ``config.model_type`` (a wrapper's for
+        a vision-language model), which transformers keys its mapping by
+    :param spec: the family's row
+    :param linearized: whether the experts are per-expert modules; the
+        converters into the fused experts are kept only for a fused model (the
+        tiny models' hub layout)
+    """
+    converters: list[WeightTransform] = []
+    if spec.keep_load_converters:
+        fused = re.compile(
+            rf"{re.escape(spec.experts_attr)}\W*\.?(gate_up_proj|down_proj)"
+        )
+        converters = [
+            transform
+            for transform in get_checkpoint_conversion_mapping(model_type) or []
+            if isinstance(transform, WeightConverter)
+            and not (
+                linearized
+                and any(fused.search(target) for target in transform.target_patterns)
+            )
+        ]
+    # renames first: compressed-tensors maps the quantization ignore list
+    # through the reversed list in order, so a converted module's name (the
+    # vision attn.q_proj -> wqkv) must be converted before it is renamed
+    return [
+        WeightRenaming(disk, memory) for disk, memory in spec.linear_save_renames
+    ] + converters
 
 
 @contextlib.contextmanager

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import re
 import sys
 from collections.abc import Iterator
 
@@ -31,7 +30,6 @@ from transformers.conversion_mapping import (
     get_checkpoint_conversion_mapping,
     register_checkpoint_conversion_mapping,
 )
-from transformers.core_model_loading import WeightRenaming
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.monkey_patching import clear_patch_mapping
@@ -40,6 +38,7 @@ from ream_modifiers.moe.architectures import LOADED_AS, get_arch_spec, text_conf
 from ream_modifiers.moe.auto import auto_model_class
 from ream_modifiers.moe.conversions import (
     fused_save_conversions,
+    hub_save_conversions,
     per_expert_checkpoints,
     register_loaded_as_mappings,
 )
@@ -57,7 +56,9 @@ def ensure_hub_save_names(model: PreTrainedModel) -> None:
     names where llm-compressor has no mapping for the family: Mixtral would
     otherwise be saved as ``mlp.experts.{i}.gate_proj``, which neither
     transformers nor vLLM load, and gpt-oss per expert although its hub layout
-    is fused. Call it again once quantization schemes are attached: quantized
+    is fused; Kimi-Linear and Kimi-K2.5 also keep transformers' converters of
+    their other tensors (:func:`ream_modifiers.moe.conversions.hub_save_conversions`).
+    Call it again once quantization schemes are attached: quantized
     gpt-oss experts stay per expert (compressed-tensors packs each ``Linear``).
     """
     spec = get_arch_spec(model.config)
@@ -65,30 +66,10 @@ def ensure_hub_save_names(model: PreTrainedModel) -> None:
         model._weight_conversions = (
             [] if _experts_quantized(model) else fused_save_conversions()
         )
-    elif spec.linear_save_renames:
-        renames = [
-            WeightRenaming(disk, memory) for disk, memory in spec.linear_save_renames
-        ]
-        kept = (
-            _non_expert_conversions(model.config.model_type, spec.experts_attr)
-            if spec.keep_load_conversions
-            else []
+    elif spec.linear_save_renames or spec.keep_load_converters:
+        model._weight_conversions = hub_save_conversions(
+            model.config.model_type, spec, linearized=True
         )
-        model._weight_conversions = kept + renames
-
-
-def _non_expert_conversions(model_type: str, experts_attr: str) -> list:
-    """
-    transformers' conversion mapping for ``model_type`` without the converters
-    into the fused experts, which have nothing to match once the experts are
-    linearized: what a save must still reverse for the other tensors.
-    """
-    fused = re.compile(rf"{re.escape(experts_attr)}\W*\.?(gate_up_proj|down_proj)")
-    return [
-        transform
-        for transform in get_checkpoint_conversion_mapping(model_type) or []
-        if not any(fused.search(target) for target in transform.target_patterns)
-    ]
 
 
 def _experts_quantized(model: PreTrainedModel) -> bool:

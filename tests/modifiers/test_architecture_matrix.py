@@ -63,6 +63,7 @@ FAMILIES = [
     "glm4v_moe",
     "phimoe",
     "kimi_linear",
+    "kimi_k25",
 ]
 # every registered method at 25%, with its quick settings for tiny models
 MODIFIERS = {

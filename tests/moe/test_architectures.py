@@ -123,8 +123,22 @@ def test_refused_families_are_refused_by_their_default_config(model_type):
     assert family.fix in str(refused.value)
 
 
-def test_a_refused_wrapper_is_refused_although_its_language_model_is_supported():
-    config = AutoConfig.for_model("kimi_k25")
-    assert config.text_config.model_type in ARCHITECTURES  # DeepSeek-V3
-    with pytest.raises(UnsupportedFamilyError, match="Kimi-K2.5"):
+def test_a_refused_wrapper_is_refused_although_its_language_model_is_supported(
+    monkeypatch,
+):
+    config = AutoConfig.for_model("qwen3_vl_moe")
+    assert config.text_config.model_type in ARCHITECTURES
+    refused = UNSUPPORTED_FAMILIES["llama4"]
+    monkeypatch.setitem(UNSUPPORTED_FAMILIES, "qwen3_vl_moe", refused)
+    with pytest.raises(UnsupportedFamilyError, match="Llama-4"):
         get_arch_spec(config)
+
+
+def test_a_wrapper_with_its_own_row_gets_it_not_its_language_models():
+    """Kimi-K2.5's language model is a deepseek_v3 model; the wrapper's row adds
+    the vision tower's ignore entries and the hub's save names."""
+    config = AutoConfig.for_model("kimi_k25")
+    assert config.text_config.model_type == "deepseek_v3"
+    spec = get_arch_spec(config)
+    assert spec.model_type == "kimi_k25"
+    assert "re:.*vision_tower.*" in spec.quantization_ignore

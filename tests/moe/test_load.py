@@ -10,6 +10,52 @@ from transformers.conversion_mapping import (
 )
 
 from ream_modifiers.moe import find_moe_layers, load_moe_model
+from ream_modifiers.moe.auto import auto_model_class
+
+# names vLLM 0.32 reads (its modules: kimi_k3/nvidia/model.py's decoder layer
+# keeps a dense layer's `mlp` and a MoE layer's `block_sparse_moe`, and loads
+# q/k/v_conv1d into `conv1d`; kimi_k25.py and kimi_k25_vit.py for Kimi-K2.5),
+# which transformers' own reverse mappings do not all give back
+VLLM_NAMES = {
+    "kimi_linear": [
+        "model.layers.0.mlp.gate_proj.weight",
+        "model.layers.1.block_sparse_moe.experts.0.w1.weight",
+        "model.layers.1.block_sparse_moe.gate.weight",
+        "model.layers.1.block_sparse_moe.gate.e_score_correction_bias",
+        "model.layers.1.block_sparse_moe.shared_experts.down_proj.weight",
+        "model.layers.1.self_attn.q_conv1d.weight",
+        "model.layers.1.self_attn.f_a_proj.weight",
+        "model.layers.1.self_attn.A_log",
+    ],
+    "kimi_k25": [
+        "language_model.model.layers.0.mlp.gate_proj.weight",
+        "language_model.model.layers.1.mlp.experts.0.gate_proj.weight",
+        "language_model.model.norm.weight",
+        "language_model.lm_head.weight",
+        "vision_tower.patch_embed.proj.weight",
+        "vision_tower.patch_embed.pos_emb.weight",
+        "vision_tower.encoder.blocks.0.wqkv.weight",
+        "vision_tower.encoder.blocks.0.wo.weight",
+        "vision_tower.encoder.blocks.0.norm0.weight",
+        "vision_tower.encoder.blocks.0.mlp.fc0.weight",
+        "vision_tower.encoder.final_layernorm.weight",
+        "mm_projector.pre_norm.weight",
+        "mm_projector.proj.0.weight",
+        "mm_projector.proj.2.weight",
+    ],
+}
+
+
+@pytest.mark.parametrize("family", sorted(VLLM_NAMES))
+def test_kimi_outputs_carry_the_names_vllm_reads(tiny_model_dir, tmp_path, family):
+    from safetensors import safe_open
+
+    model = load_moe_model(tiny_model_dir(family), dtype=torch.float32)
+    model.save_pretrained(tmp_path / "out")
+    with safe_open(next((tmp_path / "out").glob("*.safetensors")), "pt") as handle:
+        saved = set(handle.keys())
+    assert set(VLLM_NAMES[family]) <= saved
+    assert not any(".blocks." in name for name in saved if "vision" not in name)
 
 
 @pytest.mark.parametrize("use_load_context", [True, False])
@@ -105,14 +151,15 @@ def test_kimi_k2_mapping_is_registered_on_import():
     ]
 
 
-@pytest.mark.parametrize(
-    "family", ["gpt_oss", "mixtral", "hy_v3", "phimoe", "lfm2_moe", "kimi_linear"]
-)
+HUB_FAMILIES = ["gpt_oss", "mixtral", "hy_v3", "phimoe", "lfm2_moe", "kimi_linear"]
+
+
+@pytest.mark.parametrize("family", [*HUB_FAMILIES, "kimi_k25"])
 def test_a_linearized_model_saves_under_the_hub_names(tiny_model_dir, tmp_path, family):
     """
     gpt-oss is saved fused like the hub; the families whose hub names differ
-    from transformers' get them back, Kimi-Linear also its q/k/v conv1d split
-    and forget-gate names (transformers' own conversions, kept on save).
+    from transformers' get them back, Kimi-Linear also its q/k/v conv1d and
+    Kimi-K2.5 its vision wqkv (transformers' converters, kept on save).
     """
     from safetensors import safe_open
 
@@ -125,7 +172,7 @@ def test_a_linearized_model_saves_under_the_hub_names(tiny_model_dir, tmp_path, 
         hub = set(handle.keys())
     assert saved == hub
     ids = torch.arange(12).unsqueeze(0)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    reloaded = auto_model_class(model.config).from_pretrained(tmp_path / "out")
     with torch.no_grad():
         torch.testing.assert_close(
             reloaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5
