@@ -16,9 +16,12 @@ def _sums(weight: torch.Tensor, dim: int | None) -> tuple[torch.Tensor, torch.Te
     return l1, l2.square()
 
 
-# fp32 elements per block on CPU: the block's fp32 copy (256 KiB) stays in the L2
-# cache for the second reduction, so each weight is read from memory once
-_CPU_BLOCK = 1 << 16
+# fp32 elements per block on CPU: the block's fp32 copy (1 MiB) stays in cache
+# for the second reduction, so each weight is read from memory once. Per-block
+# dispatch dominates smaller blocks (Qwen3-30B-A3B layer, bf16, one thread:
+# 64 Ki 0.89 s, 128 Ki 0.62 s, 256 Ki 0.44 s, 512 Ki 0.46 s, 1 Mi 0.93 s, where
+# larger copies leave the cache; BENCHMARKS.md "Speed ratios")
+_CPU_BLOCK = 1 << 18
 
 
 def _streamed_sums(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,3 +43,17 @@ def test_streamed_scores_equal_stacked_scores():
 def test_streamed_scores_refuse_experts_of_different_sizes():
     with pytest.raises(ValueError, match="experts differ in size"):
         aimer_score_experts([[torch.ones(2, 2)], [torch.ones(2, 3)]])
+
+
+def test_streamed_scores_span_several_cpu_blocks(monkeypatch):
+    """A weight larger than the CPU kernel's block is summed block by block,
+    the last block partial: the scores still equal the whole-tensor ones."""
+    from ream_modifiers.modifiers.aimer import score
+
+    monkeypatch.setattr(score, "_CPU_BLOCK", 1000)
+    experts = [
+        [torch.randn(48, 64).to(torch.bfloat16), torch.randn(64, 48).to(torch.bfloat16)]
+        for _ in range(3)
+    ]  # 3072 weights per tensor: 3 full blocks and one of 72
+    stacked = aimer_score([torch.stack(ws) for ws in zip(*experts, strict=True)])
+    torch.testing.assert_close(aimer_score_experts(experts), stacked)
