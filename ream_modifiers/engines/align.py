@@ -30,6 +30,10 @@ def neuron_rows(weights: ExpertWeights, expert: int) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
+# neuron rows per fp32 Gram product in weight_descriptors (64 MiB at 3H = 4096)
+_GRAM_ROWS = 4096
+
+
 def _unit(rows: torch.Tensor) -> torch.Tensor:
     return rows / rows.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
@@ -51,16 +55,25 @@ def weight_descriptors(
     :return: ``{expert: [D, dim] fp32}``
     """
     num_experts = weights.down.shape[0]
-    width = neuron_rows(weights, 0).shape[-1]
+    first = neuron_rows(weights, 0)
+    neurons, width = first.shape
     device = weights.down.device
     total = torch.zeros(width, dtype=torch.float64, device=device)
     second = torch.zeros(width, width, dtype=torch.float64, device=device)
-    count = 0
-    for e in range(num_experts):
-        rows = _unit(neuron_rows(weights, e).float()).double()
-        total += rows.sum(0)
-        second += rows.T @ rows
-        count += rows.shape[0]
+    # the Gram matrix in fp32 products of about _GRAM_ROWS rows, summed in fp64:
+    # an fp64 product per expert ran at half the fp32 rate or less (CPUs and
+    # GPUs alike) and was REAM's largest decision cost (BENCHMARKS.md)
+    chunk = max(1, _GRAM_ROWS // neurons)
+    for start in range(0, num_experts, chunk):
+        rows = torch.cat(
+            [
+                _unit(neuron_rows(weights, e).float())
+                for e in range(start, min(start + chunk, num_experts))
+            ]
+        )
+        total += rows.sum(0, dtype=torch.float64)
+        second += (rows.T @ rows).double()
+    count = num_experts * neurons
     mean = total / count
     covariance = second / count - torch.outer(mean, mean)
     _, vectors = torch.linalg.eigh(covariance)  # ascending eigenvalues
