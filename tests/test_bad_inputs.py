@@ -140,6 +140,11 @@ def workspace(tmp_path_factory, tiny_model_dir) -> SimpleNamespace:
     models["config-not-json"] = _copy_model(qwen, root / "config-not-json")
     (models["config-not-json"] / "config.json").write_text("{not json")
     models["top-k-10"] = _copy_model(qwen, root / "top-k-10", num_experts_per_tok=10)
+    # an INT4 release (Kimi-K2.5's format): packed weights load with no `weight`
+    packed = dict(quant_method="compressed-tensors", format="pack-quantized")
+    models["packed-int4"] = _copy_model(
+        qwen, root / "packed-int4", quantization_config=packed
+    )
     # a dense model's config: no expert count, no top-k
     models["dense"] = _copy_model(qwen, root / "dense")
     dense = dict(model_type="llama", architectures=["LlamaForCausalLM"])
@@ -210,6 +215,12 @@ CASES = {
     "model-without-weights": Case("has config.json but no weights", model="no-weights"),
     "shard-cut-in-half": Case(
         "model.safetensors is truncated", "re-download", model="truncated"
+    ),
+    "already-quantized-source": Case(
+        "is already compressed (config.json quantization_config: "
+        "compressed-tensors, format 'pack-quantized')",
+        "start from the model's unquantized (bf16) release",
+        model="packed-int4",
     ),
     "shard-header-not-json": Case(
         "model.safetensors is corrupt: its safetensors header is not JSON",

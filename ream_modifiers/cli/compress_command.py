@@ -175,6 +175,7 @@ def _check_before_loading(job: CompressJob, recipe_path: Path) -> list:
     from ream_modifiers.data.mix import check_mix
     from ream_modifiers.errors import check_model_source
     from ream_modifiers.model_files import check_model_files
+    from ream_modifiers.quantized_source import check_unquantized_source
     from ream_modifiers.recipe_check import load_checked_recipe
 
     # a typo, or keys llm-compressor would skip, fail before anything loads
@@ -183,6 +184,8 @@ def _check_before_loading(job: CompressJob, recipe_path: Path) -> list:
     check_model_source(model)
     # headers only: a cut or garbled shard fails here, not inside from_pretrained
     check_model_files(model)
+    # packed INT4/NVFP4 experts would fail only after the model has loaded
+    check_unquantized_source(model, job.model.trust_remote_code)
     # from config.json: a budget the model cannot meet fails before it loads
     check_expert_budget(model, modifiers, recipe_path, job.model.trust_remote_code)
     calibration = job.calibration

@@ -227,6 +227,25 @@ class MoELayer:
         )
 
 
+def _check_expert_weights_uncompressed(name: str, experts: torch.nn.Module) -> None:
+    """An already-quantized checkpoint's experts hold packed integers and scales
+    (compressed-tensors' ``weight_packed``) where every method reads ``weight``."""
+    with disable_onloading():
+        for linear_name, linear in next(iter(experts.children())).named_children():
+            weight = getattr(linear, "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+                continue
+            stored = sorted(n for n, _ in linear.named_parameters(recurse=False))
+            raise MoEModelError(
+                f"{name}: expert {linear_name} holds no full-precision weight "
+                f"(it stores {stored}): the checkpoint is already quantized, and "
+                "expert reduction reads and rewrites full-precision expert "
+                "weights. Start from the model's unquantized (bf16) release, or "
+                "decompress this checkpoint to bf16 first; add the quantization "
+                "back in the recipe (e.g. recipes/ream_w4a16.yaml)."
+            )
+
+
 def find_moe_layers(
     model: PreTrainedModel, ignore: Sequence[str] = ()
 ) -> list[MoELayer]:
@@ -264,6 +283,7 @@ def find_moe_layers(
             )
         if any(p.search(name) for p in patterns):
             continue
+        _check_expert_weights_uncompressed(name, experts)
         layers.append(MoELayer(name, module, spec, routing))
     if not layers:
         raise MoEModelError(

@@ -143,6 +143,25 @@ def test_find_moe_layers_errors(load_tiny, tmp_path):
         find_moe_layers(fused)
 
 
+def test_find_moe_layers_refuses_experts_stored_compressed(load_tiny):
+    """What a W4A16 checkpoint loads as: packed integers and scales in place of
+    `weight` (compressed-tensors), which every method would fail on later."""
+    model, _, _ = load_tiny("qwen3_moe")
+    linear = model.model.layers[1].mlp.experts[0].down_proj
+    packed = torch.zeros(
+        linear.out_features, linear.in_features // 8, dtype=torch.int32
+    )
+    del linear.weight
+    linear.register_parameter("weight_packed", torch.nn.Parameter(packed, False))
+    with pytest.raises(MoEModelError) as refused:
+        find_moe_layers(model)
+    assert "model.layers.1.mlp: expert down_proj holds no full-precision" in str(
+        refused.value
+    )
+    assert "['weight_packed']" in str(refused.value)
+    assert "already quantized" in str(refused.value)
+
+
 FAMILIES = sorted(TINY_CONFIGS)
 
 
