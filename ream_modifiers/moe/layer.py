@@ -144,23 +144,35 @@ class MoELayer:
             holders.append(module)
         return holders
 
-    def router_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Router logits in fp32 for ``[tokens, H]`` hidden states."""
+    def router_logits(
+        self, hidden_states: torch.Tensor, native: bool = False
+    ) -> torch.Tensor:
+        """
+        Router logits in fp32 for ``[tokens, H]`` hidden states; with ``native``,
+        computed in the router weight's dtype (as most families' routers do in
+        bf16) and then cast to fp32.
+        """
         with align_module_device(self.router):
-            weight = self.router_weight.float()
-            bias = self.router_bias
+            weight, bias = self.router_weight, self.router_bias
+            if native:
+                hidden = hidden_states.to(weight.dtype)
+                return nn.functional.linear(hidden, weight, bias).float()
             bias = None if bias is None else bias.float()
-            return nn.functional.linear(hidden_states.float(), weight, bias)
+            return nn.functional.linear(hidden_states.float(), weight.float(), bias)
 
     def route(
-        self, hidden_states: torch.Tensor, among: Sequence[int] | None = None
+        self,
+        hidden_states: torch.Tensor,
+        among: Sequence[int] | None = None,
+        native: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         ``(top_k_index, top_k_weights)`` exactly as the model routes; with
         ``among``, as it would route once only those experts (router rows and
-        biases) are kept, the indices pointing into ``among``.
+        biases) are kept, the indices pointing into ``among``; ``native``: from
+        logits computed in the router's dtype (:meth:`router_logits`).
         """
-        logits = self.router_logits(hidden_states)
+        logits = self.router_logits(hidden_states, native)
         with align_module_device(self.router):
             bias = self.correction_bias
             bias = None if bias is None else bias.float().to(logits.device)
@@ -169,6 +181,48 @@ class MoELayer:
             logits = logits[:, kept]
             bias = None if bias is None else bias[..., kept]
         return self.routing.route(logits, bias)
+
+    def routing_disagreement(
+        self,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+    ) -> str | None:
+        """
+        How :meth:`route` differs from the routing the model itself produced for
+        ``hidden_states``, or None where it agrees: the expert sets of more than
+        1% of the tokens (near-ties may flip in low precision), or a weight of an
+        agreeing token by more than 2% (bf16 rounding is 0.4%). The rules pass if
+        they agree from fp32 logits or from logits in the router's dtype (families
+        differ in which one their router computes; near-ties flip between them).
+        Every method's probabilities, the pruned router and the merge checks use
+        :meth:`route`, so a family whose rules are wrong must stop before its
+        decisions.
+        """
+        problem = self._disagreement(
+            *self.route(hidden_states), top_k_index, top_k_weights
+        )
+        if problem is None or self.router_weight.dtype == torch.float32:
+            return problem
+        native = self.route(hidden_states, native=True)
+        if self._disagreement(*native, top_k_index, top_k_weights) is None:
+            return None
+        return problem
+
+    @staticmethod
+    def _disagreement(index, weights, top_k_index, top_k_weights) -> str | None:
+        ours, order = index.sort(dim=-1)
+        theirs, their_order = top_k_index.to(index.device).sort(dim=-1)
+        same = (ours == theirs).all(dim=-1)
+        differ = 1.0 - same.float().mean().item()
+        if differ > 0.01:
+            return f"{differ:.1%} of the tokens get other experts"
+        mine = weights.float().gather(-1, order)[same]
+        model = top_k_weights.to(weights.device).float().gather(-1, their_order)[same]
+        if not torch.allclose(mine, model, rtol=0.02, atol=1e-3):
+            gap = (mine - model).abs().max().item()
+            return f"routing weights differ by up to {gap:.3g}"
+        return None
 
     def activation(self):
         """

@@ -30,7 +30,7 @@ from compressed_tensors.distributed import get_source_rank
 from llmcompressor.modeling.moe.context import get_calibrate_all_experts_flag
 from torch import distributed as dist
 
-from ream_modifiers.moe.layer import MoELayer
+from ream_modifiers.moe.layer import MoELayer, MoEModelError
 from ream_modifiers.observe.statistics import Statistic
 from ream_modifiers.observe.token_keys import TokenKeyRecorder, positional_keys
 
@@ -194,6 +194,8 @@ class LayerStatsCollector:
     def _on_experts_input(self, module, args) -> None:
         hidden_states, top_k_index, top_k_weights = args[:3]
         valid = self._padding_mask(hidden_states.shape[0], hidden_states.device)
+        if self.batches_seen == 0:
+            self._check_routing(hidden_states, top_k_index, top_k_weights, valid)
         self._routing = BatchRouting.build(
             hidden_states,
             top_k_index,
@@ -205,6 +207,26 @@ class LayerStatsCollector:
         )
         for statistic in self.statistics:
             statistic.update_routing(self._routing)
+
+    def _check_routing(self, hidden_states, top_k_index, top_k_weights, valid):
+        """The first batch: the table's routing rules must reproduce the model's
+        (an unlisted family is routed by rules detected from its config)."""
+        if valid is not None:
+            hidden_states = hidden_states[valid]
+            top_k_index, top_k_weights = top_k_index[valid], top_k_weights[valid]
+        problem = self.layer.routing_disagreement(
+            hidden_states, top_k_index, top_k_weights
+        )
+        if problem is not None:
+            spec = self.layer.spec
+            raise MoEModelError(
+                f"{self.layer.name}: the routing rules for model_type "
+                f"{spec.model_type!r} do not reproduce the model's router on the "
+                f"first calibration batch ({problem}), so every decision would "
+                "rest on the wrong routing. Add or correct its row in "
+                "ream_modifiers/moe/architectures.yaml (scoring, renormalisation, "
+                "scaling factor, selection bias, groups)"
+            )
 
     @torch.no_grad()
     def _on_expert_output(self, expert: int, module, args, output) -> None:

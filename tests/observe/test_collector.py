@@ -199,3 +199,97 @@ def test_p_squared_sums_match_a_hand_computation(load_tiny, model_type):
     )
     # some expert is routed in one batch only: the two averages differ
     assert not torch.allclose(saliency(sums, "ream"), expected_tokens)
+
+
+@pytest.mark.parametrize("wrong", ["renormalize", "scoring"])
+def test_routing_rules_that_do_not_reproduce_the_model_stop_calibration(
+    load_tiny, wrong
+):
+    """An unlisted family is routed by rules detected from its config; wrong ones
+    (here: a renormalisation or a scoring the model does not apply) stop the
+    first calibration batch, naming the layer and the table row to fix."""
+    import dataclasses
+
+    from ream_modifiers.moe import MoEModelError
+
+    model, _, _ = load_tiny("qwen3_moe")
+    layer = find_moe_layers(model)[0]
+    changed = {"renormalize": False} if wrong == "renormalize" else {}
+    if wrong == "scoring":
+        changed = {"scoring": "sigmoid"}
+    layer.routing = dataclasses.replace(layer.routing, **changed)
+    collector = LayerStatsCollector(layer, [RoutedExpertSums(8)])
+    collector.attach(_register([]))
+    with pytest.raises(MoEModelError) as refused:
+        with torch.no_grad():
+            model(sample_input_ids())
+    message = str(refused.value)
+    assert message.startswith("model.layers.0.mlp: the routing rules for model_type")
+    assert "'qwen3_moe' do not reproduce the model's router" in message
+    assert "architectures.yaml" in message
+
+
+def test_routing_check_accepts_the_models_own_routing(load_tiny):
+    model, _, _ = load_tiny("deepseek_v3")
+    layer = find_moe_layers(model)[0]
+    hidden = torch.randn(32, 128)
+    index, weights = layer.route(hidden)
+    assert layer.routing_disagreement(hidden, index.flip(-1), weights.flip(-1)) is None
+    other = index.roll(1, dims=-1)  # same experts, weights moved to other slots
+    assert "routing weights differ" in layer.routing_disagreement(
+        hidden, other, weights
+    )
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_routing_check_passes_bf16_models(tiny_model_dir, model_type):
+    """In bf16 a router computed in the weights' dtype (Qwen3, gpt-oss) and one
+    computed in fp32 (DeepSeek-V3) both pass: near-ties that flip between the
+    two precisions are not a wrong rule."""
+    from ream_modifiers.moe import load_moe_model
+
+    model = load_moe_model(tiny_model_dir(model_type), dtype=torch.bfloat16)
+    layers = find_moe_layers(model)
+    seen = {}
+
+    def capture(name):
+        def hook(module, args):
+            seen.setdefault(name, tuple(a.detach() for a in args[:3]))
+
+        return hook
+
+    handles = [
+        layer.experts.register_forward_pre_hook(capture(layer.name)) for layer in layers
+    ]
+    with torch.no_grad():
+        model(torch.randint(0, 512, (8, 64)))
+    for handle in handles:
+        handle.remove()
+    for layer in layers:
+        assert layer.routing_disagreement(*seen[layer.name]) is None, layer.name
+
+
+def test_routing_check_accepts_near_ties_flipped_by_bf16(tmp_path):
+    """64 experts, top-8, bf16: the router computes its logits in bf16, and
+    from fp32 logits a few percent of the tokens get another expert at the
+    k-th place. Rules that reproduce the model from bf16 logits pass."""
+    from ream_modifiers.moe import load_moe_model
+    from ream_modifiers.tiny import build_tiny_moe
+
+    path = build_tiny_moe(
+        "qwen3_moe", tmp_path / "m", num_experts=64, num_experts_per_tok=8
+    )
+    model = load_moe_model(path, dtype=torch.bfloat16)
+    layer = find_moe_layers(model)[0]
+    seen = []
+    handle = layer.experts.register_forward_pre_hook(
+        lambda module, args: seen.append(tuple(a.detach() for a in args[:3]))
+    )
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model(torch.randint(0, 512, (8, 64)))
+    handle.remove()
+    hidden, index, weights = seen[0]
+    from_fp32 = layer._disagreement(*layer.route(hidden), index, weights)
+    assert from_fp32 is not None and "of the tokens get other experts" in from_fp32
+    assert layer.routing_disagreement(hidden, index, weights) is None
