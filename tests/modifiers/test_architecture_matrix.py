@@ -64,6 +64,7 @@ FAMILIES = [
     "phimoe",
     "kimi_linear",
     "kimi_k25",
+    "solar_open",
 ]
 # every registered method at 25%, with its quick settings for tiny models
 MODIFIERS = {
