@@ -9,6 +9,7 @@ random Qwen3-MoE, loaded two ways side by side, each in a fresh process:
   filled from the checkpoint).
 
     .venv/bin/python benchmarks/bench_memory.py [--layers 6 --experts 32]
+        [--loads fused direct] [--output memory.json]
 
 Per phase (load, oneshot, save): peak anonymous memory above the runtime and
 peak file-backed pages (the memory-mapped safetensors), both over the model's
@@ -102,6 +103,9 @@ def child(args) -> None:
                         (peaks["anon"] - runtime_anon) / model_bytes, 3
                     ),
                     "file_over_model": round(peaks["file"] / model_bytes, 3),
+                    "rss_above_runtime_over_model": round(
+                        (peaks["rss"] - runtime_rss) / model_bytes, 3
+                    ),
                 }
                 for phase, peaks in phases.items()
             },
@@ -121,6 +125,10 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument(
+        "--loads", nargs="+", choices=["fused", "direct"], default=["fused", "direct"]
+    )
+    parser.add_argument("--output", default="memory.json")
     args = parser.parse_args()
     if args.child:
         child(args)
@@ -131,20 +139,21 @@ def main() -> None:
         model_dir = Path(work) / "model"
         build_model(model_dir, args.experts, args)
         runs = []
-        for how in ("fused", "direct"):
+        for how in args.loads:
             command = [sys.executable, __file__, "--child", "--load", how]
             command += ["--model-dir", str(model_dir), "--samples", str(args.samples)]
             command += ["--seq-len", str(args.seq_len)]
             runs.append(run_measured(command, HERE))
     result = {
         "model": {
-            k: getattr(args, k) for k in ("layers", "experts", "hidden", "width")
+            k: getattr(args, k)
+            for k in ("layers", "experts", "hidden", "width", "top_k")
         },
         "calibration": {"samples": args.samples, "seq_len": args.seq_len},
         "runs": runs,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "memory.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

@@ -107,9 +107,9 @@ def memory_status(field: str) -> int:
 
 class PeakSampler(threading.Thread):
     """
-    Peaks of RssAnon (memory the run allocated) and RssFile (file pages mapped
+    Peaks of RssAnon (memory the run allocated), RssFile (file pages mapped
     into the process, e.g. memory-mapped safetensors: reclaimable page cache that
-    ru_maxrss also counts), sampled every 20 ms, overall and per phase.
+    ru_maxrss also counts) and of their sum, sampled every 20 ms, per phase.
     """
 
     def __init__(self) -> None:
@@ -119,9 +119,12 @@ class PeakSampler(threading.Thread):
         self.running = True
 
     def sample(self) -> None:
-        peaks = self.peaks.setdefault(self.phase, {"anon": 0, "file": 0})
-        peaks["anon"] = max(peaks["anon"], memory_status("RssAnon"))
-        peaks["file"] = max(peaks["file"], memory_status("RssFile"))
+        peaks = self.peaks.setdefault(self.phase, {"anon": 0, "file": 0, "rss": 0})
+        anon, file = memory_status("RssAnon"), memory_status("RssFile")
+        peaks["anon"] = max(peaks["anon"], anon)
+        peaks["file"] = max(peaks["file"], file)
+        # anon and file peak at different times: their sum in one sample
+        peaks["rss"] = max(peaks["rss"], anon + file)
 
     def run(self) -> None:
         while self.running:

@@ -9,6 +9,8 @@ centroid before averaging without changing what it computes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -17,7 +19,9 @@ from ream_modifiers.moe.weights import ExpertWeights
 
 __all__ = [
     "neuron_rows",
+    "weight_pca",
     "weight_descriptors",
+    "activation_descriptor",
     "activation_descriptors",
     "match_neurons",
 ]
@@ -30,7 +34,7 @@ def neuron_rows(weights: ExpertWeights, expert: int) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-# neuron rows per fp32 Gram product in weight_descriptors (64 MiB at 3H = 4096)
+# neuron rows per fp32 Gram product in weight_pca (64 MiB at 3H = 4096)
 _GRAM_ROWS = 4096
 
 
@@ -39,55 +43,80 @@ def _unit(rows: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def weight_descriptors(
-    weights: ExpertWeights, experts: list[int], dim: int = 64
-) -> dict[int, torch.Tensor]:
+def weight_pca(weights: ExpertWeights, dim: int = 64) -> Callable[[int], torch.Tensor]:
     """
-    REAM's PCA weight descriptor of every neuron of ``experts``.
+    REAM's PCA weight descriptor, as a function of the expert.
 
     All N*D neuron rows of the layer are L2-normalised and centred, projected on
     their top-``dim`` principal directions (an exact PCA through the streamed
     ``3H x 3H`` covariance, rather than the reference's randomised low-rank PCA
     of the full N*D x 3H matrix, which needs no more memory than one expert), and
     L2-normalised again. The projection ``(rows - mean) @ V`` equals ``U * S`` of
-    the SVD, i.e. the components scaled by their singular values.
+    the SVD, i.e. the components scaled by their singular values. The principal
+    directions are computed here, once; the returned function projects one
+    expert's neurons when called, so descriptors need not all be held at once.
 
-    :return: ``{expert: [D, dim] fp32}``
+    :return: ``expert -> [D, dim] fp32``
     """
     num_experts = weights.down.shape[0]
-    first = neuron_rows(weights, 0)
-    neurons, width = first.shape
+    neurons, width = _neuron_shape(weights)
     device = weights.down.device
     total = torch.zeros(width, dtype=torch.float64, device=device)
     second = torch.zeros(width, width, dtype=torch.float64, device=device)
     # the Gram matrix in fp32 products of about _GRAM_ROWS rows, summed in fp64:
     # an fp64 product per expert ran at half the fp32 rate or less (CPUs and
     # GPUs alike) and was REAM's largest decision cost (BENCHMARKS.md)
-    chunk = max(1, _GRAM_ROWS // neurons)
+    # (in place throughout: at H = 2048 one fp64 3H x 3H matrix is 300 MB, and
+    # out-of-place steps held several at once, more than the layer's experts)
+    chunk = min(num_experts, max(1, _GRAM_ROWS // neurons))
+    rows = torch.empty(chunk * neurons, width, dtype=torch.float32, device=device)
     for start in range(0, num_experts, chunk):
-        rows = torch.cat(
-            [
-                _unit(neuron_rows(weights, e).float())
-                for e in range(start, min(start + chunk, num_experts))
-            ]
-        )
-        total += rows.sum(0, dtype=torch.float64)
-        second += (rows.T @ rows).double()
+        stop = min(start + chunk, num_experts)
+        block = rows[: (stop - start) * neurons]
+        for position, expert in enumerate(range(start, stop)):
+            block[position * neurons : (position + 1) * neurons] = _unit(
+                neuron_rows(weights, expert).float()
+            )
+        total += block.sum(0, dtype=torch.float64)
+        second += block.T @ block  # the fp32 product, accumulated in fp64
+    del rows, block
     count = num_experts * neurons
     mean = total / count
-    covariance = second / count - torch.outer(mean, mean)
-    _, vectors = torch.linalg.eigh(covariance)  # ascending eigenvalues
+    covariance = second.div_(count).sub_(torch.outer(mean, mean))
+    vectors = torch.linalg.eigh(covariance).eigenvectors  # ascending eigenvalues
+    del covariance, second
     basis = vectors[:, -min(dim, width) :].flip(-1).float()
     mean = mean.float()
-    return {
-        e: _unit((_unit(neuron_rows(weights, e).float()) - mean) @ basis)
-        for e in experts
-    }
+
+    @torch.no_grad()
+    def describe(expert: int) -> torch.Tensor:
+        return _unit((_unit(neuron_rows(weights, expert).float()) - mean) @ basis)
+
+    return describe
+
+
+def _neuron_shape(weights: ExpertWeights) -> tuple[int, int]:
+    """``(D, 3H)``: the shape of one expert's :func:`neuron_rows`."""
+    hidden, neurons = weights.down.shape[1:]
+    return neurons, hidden * len(weights.matrices())
+
+
+def weight_descriptors(
+    weights: ExpertWeights, experts: list[int], dim: int = 64
+) -> dict[int, torch.Tensor]:
+    """``{expert: [D, dim] fp32}``: :func:`weight_pca`'s descriptors of ``experts``."""
+    describe = weight_pca(weights, dim)
+    return {e: describe(e) for e in experts}
+
+
+def activation_descriptor(samples: torch.Tensor, expert: int) -> torch.Tensor:
+    """``[D, S]``: each neuron's sampled activations, L2-normalised."""
+    return _unit(samples[expert].float().T)
 
 
 def activation_descriptors(samples: torch.Tensor, experts: list[int]):
-    """``{expert: [D, S]}``: each neuron's sampled activations, L2-normalised."""
-    return {e: _unit(samples[e].float().T) for e in experts}
+    """``{expert: [D, S]}``: :func:`activation_descriptor` of ``experts``."""
+    return {e: activation_descriptor(samples, e) for e in experts}
 
 
 @torch.no_grad()

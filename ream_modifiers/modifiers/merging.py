@@ -7,7 +7,9 @@ group into its centroid's slot.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import ClassVar, Literal
 
 import torch
@@ -17,10 +19,10 @@ from loguru import logger
 from pydantic import model_validator
 
 from ream_modifiers.engines.align import (
-    activation_descriptors,
+    activation_descriptor,
     match_neurons,
     neuron_rows,
-    weight_descriptors,
+    weight_pca,
 )
 from ream_modifiers.engines.grouping import (
     Groups,
@@ -98,9 +100,11 @@ class ExpertMergingModifier(ExpertReductionModifier):
 
     Extra memory per layer, independent of the number of calibration tokens:
     ``E*S*D*b`` for the activation samples (``S`` = ``max_activation_tokens``,
-    ``D`` the expert width, ``b`` bytes of the weights' dtype), ``8*E*(H+E+5)``
-    bytes of fp64 sums, one copy of the layer's expert weights while merging, and
-    ``8*(3H)^2`` bytes for the PCA covariance.
+    or fewer when the calibration set has fewer tokens; ``D`` the expert width,
+    ``b`` bytes of the weights' dtype), ``8*E*(H+E+5)`` bytes of fp64 sums, one
+    copy of the layer's expert weights while merging, ``8*(3H)^2`` bytes for the
+    PCA covariance, and one group's neuron descriptors at a time (``4*D*S`` bytes
+    per member for activations).
 
     :param group_size: most experts per group (0: unbounded)
     :param saliency: the expert score (:mod:`ream_modifiers.engines.saliency`)
@@ -347,16 +351,17 @@ class ExpertMergingModifier(ExpertReductionModifier):
         to_merge = {c: m for c, m in groups.items() if m}
         if self.merge == "none" or not to_merge:
             return {}
-        descriptors = []
+        # descriptors are built per group, so that at most one group's are held
+        # (all of a layer's activation descriptors in fp32 are twice its samples)
+        describers: list[Callable[[int], torch.Tensor]] = []
         align_with = _ALIGN_WITH.get(self.merge, ())
-        involved = sorted({e for c, m in to_merge.items() for e in (c, *m)})
         if "activations" in align_with:
             samples = stats.activations.result()
-            descriptors.append(activation_descriptors(samples, involved))
+            describers.append(partial(activation_descriptor, samples))
         if "weights" in align_with:
-            descriptors.append(weight_descriptors(weights, involved, self.pca_dim))
+            describers.append(weight_pca(weights, self.pca_dim))
         if "raw" in align_with:
-            descriptors.append({e: neuron_rows(weights, e).float() for e in involved})
+            describers.append(lambda expert: neuron_rows(weights, expert).float())
         plan = {}
         for centroid, members in sorted(to_merge.items()):
             group = [centroid, *members]
@@ -365,11 +370,23 @@ class ExpertMergingModifier(ExpertReductionModifier):
             else:
                 coefficients = merge_coefficients(coefficient_scores, group)
             perms = None
-            if descriptors:
-                squared = self.merge == "weight_matching"
-                perms = [None, *match_neurons(centroid, members, descriptors, squared)]
+            if describers:
+                perms = [None, *self._align(centroid, members, describers)]
             plan[centroid] = (group, coefficients, perms)
         return plan
+
+    def _align(
+        self,
+        centroid: int,
+        members: list[int],
+        describers: list[Callable[[int], torch.Tensor]],
+    ) -> list[list[int]]:
+        """Each member's neuron permutation onto the centroid; the group's
+        descriptors are freed on return, before the next group's are built."""
+        tables = [
+            {e: describe(e) for e in (centroid, *members)} for describe in describers
+        ]
+        return match_neurons(centroid, members, tables, self.merge == "weight_matching")
 
     # -- edit ------------------------------------------------------------------
 

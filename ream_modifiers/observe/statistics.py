@@ -362,7 +362,9 @@ class ActivationSamples(Statistic):
     def _buffers(self, tokens: int, dtype, device) -> dict[str, torch.Tensor]:
         shape = (self.num_experts, tokens, self.intermediate_size)
         return {
-            "samples": torch.zeros(shape, dtype=dtype, device=device),
+            # rows are zeroed as tokens take them: with fewer calibration tokens
+            # than ``capacity`` the untouched rows never take memory
+            "samples": torch.empty(shape, dtype=dtype, device=device),
             "keys": torch.full((tokens,), EMPTY_KEY, dtype=torch.long, device=device),
         }
 
@@ -386,6 +388,7 @@ class ActivationSamples(Statistic):
         self._slots = (~stays).nonzero().flatten()
         self._positions = valid[new]
         held[self._slots] = incoming[new]
+        self.tensors["samples"][:, self._slots] = 0
 
     def update_intermediate(self, expert, activations, routing) -> None:
         if self._positions is None:

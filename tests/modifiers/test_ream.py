@@ -241,3 +241,52 @@ def test_verify_merges_keeps_only_merges_that_reduce_the_error(
             assert set(errors) == {int(c) for c in proposed}
             assert entry["kept"] == unverified["layers"][name]["kept"]
     assert undone_any or any(e["groups"] for e in verified["layers"].values())
+
+
+def test_neuron_descriptors_are_held_one_group_at_a_time(
+    load_tiny, calibration, tmp_path, monkeypatch
+):
+    # a layer's activation descriptors in fp32 are twice its activation samples
+    # (more than the layer's expert weights in bf16): building them for every
+    # merged expert before matching was the largest transient of a REAM decision
+    import weakref
+
+    from ream_modifiers.engines import align
+    from ream_modifiers.modifiers import merging
+
+    live: weakref.WeakSet = weakref.WeakSet()
+    most_alive = [0]
+
+    def tracked(describe):
+        def wrapper(*args):
+            descriptor = describe(*args)
+            live.add(descriptor)
+            most_alive[0] = max(most_alive[0], len(live))
+            return descriptor
+
+        return wrapper
+
+    monkeypatch.setattr(
+        merging, "activation_descriptor", tracked(align.activation_descriptor)
+    )
+    monkeypatch.setattr(
+        merging, "weight_pca", lambda *args: tracked(align.weight_pca(*args))
+    )
+    _, report = _run(
+        load_tiny,
+        calibration,
+        tmp_path,
+        "qwen3_moe",
+        REAMModifier(
+            num_experts=3,
+            group_size=3,
+            merge="aligned",
+            verify_merges=False,
+            report_path=str(tmp_path / "ream.json"),
+        ),
+    )
+    groups = [entry["groups"] for entry in report["layers"].values()]
+    largest = max(len(m) + 1 for layer in groups for m in layer.values())
+    involved = max(sum(len(m) + 1 for m in layer.values()) for layer in groups)
+    assert involved > largest  # several groups merged in one layer
+    assert most_alive[0] == 2 * largest  # activations and weights, one group
