@@ -65,6 +65,8 @@ FAMILIES = [
     "kimi_linear",
     "kimi_k25",
     "solar_open",
+    "exaone_moe",
+    "mellum",
 ]
 # every registered method at 25%, with its quick settings for tiny models
 MODIFIERS = {

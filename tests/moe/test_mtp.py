@@ -184,3 +184,36 @@ def test_qwen_mtp_module_replaces_llm_compressors_unreduced_copy(tmp_path):
     report = json.loads((out / "expert_reduction.json").read_text())[-1]
     assert list(report["mtp_layers"]) == ["mtp.layers.0"]
     assert check_checkpoint(out).experts_per_layer["mtp.layers.0.mlp"] == 6
+
+
+def test_a_dense_mtp_module_is_carried_unchanged(tmp_path):
+    # K-EXAONE's `mtp.*` module has a dense MLP: nothing to reduce, all copied
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from ream_modifiers.moe.mtp import carry_mtp_layers
+
+    source = build_tiny_moe("exaone_moe", tmp_path / "source")
+    target = tmp_path / "target"
+    shutil.copytree(source, target)
+    generator = torch.Generator().manual_seed(0)
+    dense = {
+        f"mtp.layers.0.mlp.{name}.weight": torch.randn(shape, generator=generator)
+        for name, shape in (
+            ("gate_proj", (256, 128)),
+            ("up_proj", (256, 128)),
+            ("down_proj", (128, 256)),
+        )
+    }
+    dense["mtp.fc.weight"] = torch.randn(128, 256, generator=generator)
+    weights = source / "model.safetensors"
+    save_file({**load_file(weights), **dense}, weights, metadata={"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    spec = ARCHITECTURES["exaone_moe"]
+    assert carry_mtp_layers(source, target, spec, config, 6, None) == {}
+    after = _tensors(target)
+    for name, tensor in dense.items():
+        assert after[name].equal(tensor)
+    index = json.loads((target / "model.safetensors.index.json").read_text())
+    assert set(dense) <= set(index["weight_map"])
