@@ -63,6 +63,12 @@ class MoEArchSpec:
     :param scoring: ``softmax`` over all experts, independent ``sigmoid`` scores,
         or PhiMoE's ``sparsemixer`` (each of the top-k picked in turn by logit,
         weighted by a softmax over the logits within a relative margin of it)
+    :param scoring_key: config key whose value (``softmax`` or ``sigmoid``) selects
+        the scoring per checkpoint, overriding ``scoring`` (Cohere2-MoE's
+        ``expert_selection_fn``)
+    :param topk_before_scoring: the router takes the top-k of the raw logits and
+        scores only those: a softmax over k logits is the renormalised softmax
+        (whatever ``renormalize_key`` says); sigmoid is unaffected (monotonic)
     :param sparsemixer_eps_key: config key of sparsemixer's margin (half the
         relative logit gap it keeps, PhiMoE's ``router_jitter_noise``)
     :param renormalize: whether the top-k weights are renormalised, when the family
@@ -163,6 +169,8 @@ class MoEArchSpec:
     router_attr: str = "gate"
     experts_attr: str = "experts"
     scoring: Scoring = "softmax"
+    scoring_key: str | None = None
+    topk_before_scoring: bool = False
     sparsemixer_eps_key: str | None = None
     renormalize: bool = True
     renormalize_key: str | None = None

@@ -44,9 +44,19 @@ class RoutingSpec:
     @classmethod
     def from_config(cls, config: PretrainedConfig, spec: MoEArchSpec) -> RoutingSpec:
         config = text_config(config)
+        scoring = spec.scoring
+        if spec.scoring_key is not None:
+            scoring = getattr(config, spec.scoring_key, None) or scoring
+            if scoring not in ("softmax", "sigmoid"):
+                raise ValueError(
+                    f"{spec.model_type}: config `{spec.scoring_key}: {scoring}` is "
+                    "not a scoring the routing rules know (softmax or sigmoid)"
+                )
         renormalize = spec.renormalize
         if spec.renormalize_key is not None:
             renormalize = bool(getattr(config, spec.renormalize_key, renormalize))
+        if spec.topk_before_scoring and scoring == "softmax":
+            renormalize = True  # a softmax over the k chosen logits sums to 1
         # a single group, or groups the router ignores, is plain top-k routing
         n_group, topk_group = spec.groups(lambda key: getattr(config, key, None))
         scaling = 1.0
@@ -58,7 +68,7 @@ class RoutingSpec:
         return cls(
             num_experts=int(getattr(config, spec.num_experts_key)),
             top_k=int(getattr(config, spec.top_k_key)),
-            scoring=spec.scoring,
+            scoring=scoring,
             renormalize=renormalize,
             n_group=n_group,
             topk_group=topk_group,

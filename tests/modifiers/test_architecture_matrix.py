@@ -67,6 +67,7 @@ FAMILIES = [
     "solar_open",
     "exaone_moe",
     "mellum",
+    "cohere2_moe",
 ]
 # every registered method at 25%, with its quick settings for tiny models
 MODIFIERS = {

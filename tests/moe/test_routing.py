@@ -1,13 +1,12 @@
 import pytest
 import torch
 
-from ream_modifiers.moe import find_moe_layers
+from ream_modifiers.moe import find_moe_layers, load_moe_model
+from ream_modifiers.tiny import build_tiny_moe
 from tests.conftest import ROUTING_TYPES, sample_input_ids
 
 
-@pytest.mark.parametrize("model_type", ROUTING_TYPES)
-def test_route_reproduces_the_model_router(load_tiny, model_type):
-    model, _, _ = load_tiny(model_type)
+def _assert_route_matches_the_model(model) -> None:
     layers = find_moe_layers(model)
     seen = {}
 
@@ -37,6 +36,39 @@ def test_route_reproduces_the_model_router(load_tiny, model_type):
             rtol=1e-5,
             atol=1e-6,
         )
+
+
+@pytest.mark.parametrize("model_type", ROUTING_TYPES)
+def test_route_reproduces_the_model_router(load_tiny, model_type):
+    model, _, _ = load_tiny(model_type)
+    _assert_route_matches_the_model(model)
+
+
+@pytest.mark.parametrize(
+    "selection, normalized",
+    [("softmax", False), ("softmax", True), ("sigmoid", True), ("sigmoid", False)],
+)
+def test_cohere2_moe_scoring_follows_the_checkpoint(tmp_path, selection, normalized):
+    # softmax over the top-k logits sums to 1 whatever norm_topk_prob says
+    build_tiny_moe(
+        "cohere2_moe",
+        tmp_path,
+        expert_selection_fn=selection,
+        norm_topk_prob=normalized,
+    )
+    model = load_moe_model(tmp_path, dtype=torch.float32)
+    routing = find_moe_layers(model)[0].routing
+    assert routing.scoring == selection
+    assert routing.renormalize == (selection == "softmax" or normalized)
+    _assert_route_matches_the_model(model)
+
+
+def test_an_unknown_selection_function_is_refused_before_calibration(tmp_path):
+    build_tiny_moe("cohere2_moe", tmp_path)
+    model = load_moe_model(tmp_path, dtype=torch.float32)
+    model.config.expert_selection_fn = "sparsemax"
+    with pytest.raises(ValueError, match="expert_selection_fn: sparsemax"):
+        find_moe_layers(model)
 
 
 def test_deepseek_group_limited_routing_stays_inside_topk_groups(load_tiny):
