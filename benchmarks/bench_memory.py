@@ -9,7 +9,7 @@ random Qwen3-MoE, loaded two ways side by side, each in a fresh process:
   filled from the checkpoint).
 
     .venv/bin/python benchmarks/bench_memory.py [--layers 6 --experts 32]
-        [--loads fused direct] [--output memory.json]
+        [--loads fused direct] [--allocators default eager] [--output memory.json]
 
 Per phase (load, oneshot, save): peak anonymous memory above the runtime and
 peak file-backed pages (the memory-mapped safetensors), both over the model's
@@ -20,10 +20,13 @@ results/memory.json.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import resource
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from common import (
@@ -63,6 +66,10 @@ def child(args) -> None:
     from ream_modifiers.data import build_calibration_dataset
 
     quiet()
+    if args.allocator == "default":
+        import ream_modifiers.allocator
+
+        ream_modifiers.allocator.ENABLED = False  # glibc's defaults throughout
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     dataset = build_calibration_dataset(
         "bundled", tokenizer, args.samples, args.seq_len
@@ -75,6 +82,7 @@ def child(args) -> None:
     model = _load(args.model_dir, args.load)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     sampler.enter("oneshot")
+    start = time.perf_counter()
     oneshot(
         model=model,
         dataset=dataset,
@@ -83,6 +91,7 @@ def child(args) -> None:
         num_calibration_samples=args.samples,
         max_seq_length=args.seq_len,
     )
+    oneshot_seconds = time.perf_counter() - start
     sampler.enter("save")
     with tempfile.TemporaryDirectory() as out:
         model.save_pretrained(out)
@@ -92,6 +101,8 @@ def child(args) -> None:
     print_result(
         {
             "load": args.load,
+            "allocator": args.allocator,
+            "oneshot_seconds": round(oneshot_seconds, 1),
             "model_bytes": model_bytes,
             "peak_rss_over_model": round(peak / model_bytes, 3),
             "peak_rss_above_runtime_over_model": round(
@@ -128,19 +139,39 @@ def main() -> None:
     parser.add_argument(
         "--loads", nargs="+", choices=["fused", "direct"], default=["fused", "direct"]
     )
+    parser.add_argument(
+        "--allocators",
+        nargs="+",
+        choices=["default", "eager"],
+        default=["eager"],
+        help="eager: freed memory returned during the save, as our save hook does "
+        "(ream_modifiers.allocator); default: glibc's defaults throughout",
+    )
+    parser.add_argument("--allocator", default="default", help=argparse.SUPPRESS)
+    parser.add_argument("--build", help=argparse.SUPPRESS)
     parser.add_argument("--output", default="memory.json")
     args = parser.parse_args()
     if args.child:
         child(args)
         return
-    from bench_scale import build_model
+    if args.build:
+        from bench_scale import build_model
 
+        build_model(Path(args.build), args.experts, args)
+        return
     with tempfile.TemporaryDirectory() as work:
         model_dir = Path(work) / "model"
-        build_model(model_dir, args.experts, args)
+        # built in a process of its own: Linux keeps a process's peak RSS across
+        # fork and exec, so children forked by a parent that had held the model
+        # would report the parent's peak as theirs (1.83 instead of 1.35 once)
+        build = [sys.executable, __file__, "--build", str(model_dir)]
+        for key in ("layers", "experts", "hidden", "width", "top_k"):
+            build += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+        subprocess.run(build, check=True, cwd=HERE)
         runs = []
-        for how in args.loads:
+        for how, allocator in itertools.product(args.loads, args.allocators):
             command = [sys.executable, __file__, "--child", "--load", how]
+            command += ["--allocator", allocator]
             command += ["--model-dir", str(model_dir), "--samples", str(args.samples)]
             command += ["--seq-len", str(args.seq_len)]
             runs.append(run_measured(command, HERE))

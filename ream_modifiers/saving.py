@@ -16,6 +16,7 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
+from ream_modifiers.allocator import release_freed_memory_eagerly
 from ream_modifiers.distributed import is_source_process
 from ream_modifiers.model_files import find_model_file
 from ream_modifiers.moe.architectures import get_arch_spec, text_config
@@ -60,7 +61,8 @@ def install_save_hook(model: PreTrainedModel) -> None:
     """
     Wrap ``model.save_pretrained`` (idempotently, outside llm-compressor's own
     wrapper) so that after the save ``config.json`` carries the recorded keys and
-    the report lands next to the weights.
+    the report lands next to the weights, and freed host memory is returned to
+    the system while it saves (:mod:`ream_modifiers.allocator`).
     """
     save = model.save_pretrained
     if getattr(save, "_ream_wrapped", False):
@@ -69,6 +71,9 @@ def install_save_hook(model: PreTrainedModel) -> None:
 
     @wraps(save)
     def save_pretrained(save_directory: str | os.PathLike, *args, **kwargs):
+        # packing the quantized modules frees every float weight in turn: give
+        # that memory back instead of letting glibc's heap keep it
+        release_freed_memory_eagerly()
         if disk_offloaded(model):
             # transformers reads a disk-offloaded model back one shard at a time;
             # llm-compressor's 20GB default would hold 20GB in memory
