@@ -30,12 +30,14 @@ def register() -> None:
     """
     Register every modifier of the method registry with llm-compressor's
     ``ModifierFactory`` (idempotent), and make its sequential pipeline calibrate
-    with causal attention masks (:mod:`ream_modifiers.causal_calibration`).
+    with causal attention masks (:mod:`ream_modifiers.causal_calibration`) and
+    linearize Llama-4's experts into our input-weighted class.
     """
     from llmcompressor.modifiers.factory import ModifierFactory
 
     import ream_modifiers.modifiers  # noqa: F401  (each method folder registers)
     from ream_modifiers import causal_calibration
+    from ream_modifiers.moe.input_weighted import register_input_weighted_experts
     from ream_modifiers.registry import methods
 
     for method in methods():
@@ -43,6 +45,7 @@ def register() -> None:
         if ModifierFactory._registered_registry.get(cls.__name__) is not cls:
             ModifierFactory.register(cls.__name__, cls)
     causal_calibration.install()
+    register_input_weighted_experts()
 
 
 class _RegisterAfterLoad(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -88,8 +91,10 @@ def _register_on_first_create() -> None:
     from llmcompressor.modifiers.factory import ModifierFactory
 
     from ream_modifiers import causal_calibration
+    from ream_modifiers.moe.input_weighted import register_input_weighted_experts
 
     causal_calibration.install()  # imports nothing of ours: safe now
+    register_input_weighted_experts()
     original = ModifierFactory.__dict__["create"]
 
     def create(*args: Any, **kwargs: Any):

@@ -251,7 +251,7 @@ CASES = {
     ),
     "unsupported-family-llama4": Case(
         "(model_type 'llama4'), which cannot be reduced: not supported yet",
-        "Llama-4 needs input-weighted saliency",
+        "reduce a text-only Llama-4 checkpoint (model_type llama4_text)",
         model="llama4",
     ),
     "unsupported-family-dbrx": Case(

@@ -10,6 +10,7 @@ and after compression, the stacked expert weights and the experts' activation.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,7 +19,13 @@ from torch.nn import functional as F
 if TYPE_CHECKING:
     from ream_modifiers.moe.weights import ExpertWeights
 
-__all__ = ["Activation", "expert_output", "merge_helps", "routed_output"]
+__all__ = [
+    "Activation",
+    "expert_output",
+    "merge_helps",
+    "routed_output",
+    "weighted_output",
+]
 
 #: ``(gate pre-activation or None, up pre-activation) -> neuron activations``
 Activation = Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor]
@@ -57,24 +64,48 @@ def expert_output(
     return F.linear(hidden, down, _projection(weights, "down_bias", expert))
 
 
+def weighted_output(
+    output_of: Callable[[torch.Tensor], torch.Tensor],
+    tokens: torch.Tensor,
+    weights: torch.Tensor,
+    input_weighted: bool = False,
+) -> torch.Tensor:
+    """
+    One expert's fp32 contribution on ``[t, H]`` tokens with ``[t, 1]`` routing
+    weights: ``w * f(x)``, or ``f(w x)`` where the router scales the expert's
+    input (Llama-4).
+    """
+    if input_weighted:
+        return output_of(tokens * weights.to(tokens.dtype)).float()
+    return output_of(tokens).float() * weights.float()
+
+
 def routed_output(
     tokens: torch.Tensor,
     index: torch.Tensor,
     routing_weights: torch.Tensor,
     output_of: Callable[[int, torch.Tensor], torch.Tensor],
+    input_weighted: bool = False,
 ) -> torch.Tensor:
     """
-    ``[T, H]`` fp32 sum over each token's routed experts of weight * f_e(x).
+    ``[T, H]`` fp32 sum over each token's routed experts of their contributions
+    (:func:`weighted_output`).
 
     :param index: ``[T, k]`` expert ids
     :param routing_weights: ``[T, k]`` the weights the model applies
     :param output_of: ``(expert id, [t, H] tokens) -> [t, H]`` outputs
+    :param input_weighted: whether the weights scale the experts' inputs
     """
     total = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
     for expert in torch.unique(index).tolist():
         token, slot = (index == expert).nonzero(as_tuple=True)
-        out = output_of(expert, tokens[token]).float()
-        total.index_add_(0, token, out * routing_weights[token, slot, None].float())
+        out = weighted_output(
+            partial(output_of, expert),
+            tokens[token],
+            routing_weights[token, slot, None],
+            input_weighted,
+        )
+        total.index_add_(0, token, out)
     return total
 
 
@@ -87,6 +118,7 @@ def merge_helps(
     weights: ExpertWeights,
     merged: Mapping[int, Mapping[str, torch.Tensor | None]],
     activate: Activation,
+    input_weighted: bool = False,
 ) -> dict[int, dict[str, float]]:
     """
     For every merged centroid, the squared error of the compressed layer's routed
@@ -102,25 +134,32 @@ def merge_helps(
     :param weights: stacked weights of every original expert
     :param merged: ``{centroid id: merged projections}``
     :param activate: the experts' activation
+    :param input_weighted: whether the routing weights scale the experts'
+        inputs (Llama-4) rather than their outputs
     :return: ``{centroid: {"merged": error, "centroid": error}}``
     """
 
     def original_expert(expert: int, x: torch.Tensor) -> torch.Tensor:
         return expert_output(weights, x, activate, expert)
 
-    target = routed_output(tokens, *original, original_expert)
+    target = routed_output(tokens, *original, original_expert, input_weighted)
     index, routing_weights = compressed
     kept_ids = torch.as_tensor(list(kept), device=index.device)[index]
-    pruned = routed_output(tokens, kept_ids, routing_weights, original_expert)
+    pruned = routed_output(
+        tokens, kept_ids, routing_weights, original_expert, input_weighted
+    )
     # [centroids, 2] on the device, read back once after the loop
     sums = torch.zeros(len(merged), 2, dtype=torch.float64, device=tokens.device)
     for row, (centroid, projections) in enumerate(merged.items()):
         token, slot = (kept_ids == centroid).nonzero(as_tuple=True)
-        x, gate = tokens[token], routing_weights[token, slot, None].float()
+        x, gate = tokens[token], routing_weights[token, slot, None]
+        if input_weighted:
+            x = x * gate.to(x.dtype)
         own = expert_output(weights, x, activate, centroid).float()
         new = expert_output(projections, x, activate).float()
+        change = new - own if input_weighted else gate.float() * (new - own)
         alone = pruned[token] - target[token]
-        with_merge = alone + gate * (new - own)
+        with_merge = alone + change
         sums[row, 0] = with_merge.double().square().sum()
         sums[row, 1] = alone.double().square().sum()
     values = sums.tolist()

@@ -325,6 +325,7 @@ class ExpertMergingModifier(ExpertReductionModifier):
             weights,
             merged,
             layer.activation(),
+            input_weighted=layer.spec.input_weighted,
         )
         undone = sorted(c for c, e in errors.items() if e["merged"] >= e["centroid"])
         for centroid in undone:

@@ -158,6 +158,14 @@ class MoEArchSpec:
         its own (renamed) modules on reload, so a router that is an
         ``nn.Linear`` under another name there would be rebuilt quantized
         (PhiMoE's ``mlp.router``, stored as ``block_sparse_moe.gate``)
+    :param input_weighted: the router scales each expert's input rather than its
+        output (Llama-4: ``f_e(s x)``, vLLM's ``apply_router_weight_on_input``);
+        the block is adapted to the standard experts interface
+        (:mod:`ream_modifiers.moe.input_weighted`) and statistics read an
+        expert's output as ``f_e(s x) / s``
+    :param fused_gate_up_interleaved: for a family with :attr:`fused_experts`,
+        whether gate and up alternate along the fused tensor's last dim
+        (gpt-oss) rather than gate filling its first half (Llama-4)
     :param router_quantizable_in_vllm: whether vLLM builds the router as a
         linear layer that a quantization config can target (Qwen3-MoE's gate,
         Hunyuan's ``gate.wg``); elsewhere it is always unquantized
@@ -198,6 +206,8 @@ class MoEArchSpec:
     packed_expert_names: tuple[str, str] | None = None
     intermediate_size_key: str = "moe_intermediate_size"
     router_quantizable_in_vllm: bool = False
+    input_weighted: bool = False
+    fused_gate_up_interleaved: bool = False
     per_expert_load: bool = False
     hub_architectures: tuple[str, ...] = ()
     reload_ignore: tuple[str, ...] = ()

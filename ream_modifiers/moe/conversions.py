@@ -58,78 +58,101 @@ __all__ = [
     "register_loaded_as_mappings",
 ]
 
-_EXPERT = "mlp.experts.*"
+
+def _fused_layout(spec: MoEArchSpec) -> tuple[str, bool, bool]:
+    """``(experts prefix, gate/up interleaved, with biases)`` of a fused row."""
+    prefix = f"{spec.hub_block_attr or 'mlp'}.{spec.experts_attr}"
+    return (
+        prefix,
+        spec.fused_gate_up_interleaved,
+        "down_proj_bias" in spec.fused_experts,
+    )
 
 
-def per_expert_load_conversions() -> list[WeightTransform]:
+def per_expert_load_conversions(spec: MoEArchSpec) -> list[WeightTransform]:
     """
-    Load direction, per-expert ``nn.Linear`` tensors -> gpt-oss fused experts:
-    stack the experts, put gate and up side by side, move the input dim first
-    and interleave gate/up columns (gate = even, up = odd).
+    Load direction, per-expert ``nn.Linear`` tensors -> a fused-on-disk family's
+    experts (``gate_up_proj [E, H, 2I]``, ``down_proj [E, I, H]``): stack the
+    experts, put gate and up side by side, move the input dim first and, for
+    gpt-oss, interleave gate/up columns (gate = even, up = odd).
     """
-    return [
+    prefix, interleaved, biases = _fused_layout(spec)
+    each = f"{prefix}.*"
+    gate_up = [MergeModulelist(dim=0), Concatenate(dim=1), Transpose(1, 2)]
+    gate_up_bias = [MergeModulelist(dim=0), Concatenate(dim=1)]
+    if interleaved:
+        gate_up.append(Interleave(dim=2, inverse=True))
+        gate_up_bias.append(Interleave(dim=1, inverse=True))
+    conversions = [
         WeightConverter(
-            [f"{_EXPERT}.gate_proj.weight", f"{_EXPERT}.up_proj.weight"],
-            "mlp.experts.gate_up_proj",
-            [
-                MergeModulelist(dim=0),
-                Concatenate(dim=1),
-                Transpose(1, 2),
-                Interleave(dim=2, inverse=True),
-            ],
+            [f"{each}.gate_proj.weight", f"{each}.up_proj.weight"],
+            f"{prefix}.gate_up_proj",
+            gate_up,
         ),
         WeightConverter(
-            [f"{_EXPERT}.gate_proj.bias", f"{_EXPERT}.up_proj.bias"],
-            "mlp.experts.gate_up_proj_bias",
-            [
-                MergeModulelist(dim=0),
-                Concatenate(dim=1),
-                Interleave(dim=1, inverse=True),
-            ],
-        ),
-        WeightConverter(
-            f"{_EXPERT}.down_proj.weight",
-            "mlp.experts.down_proj",
+            f"{each}.down_proj.weight",
+            f"{prefix}.down_proj",
             [MergeModulelist(dim=0), Transpose(1, 2)],
         ),
-        WeightConverter(
-            f"{_EXPERT}.down_proj.bias",
-            "mlp.experts.down_proj_bias",
-            [MergeModulelist(dim=0)],
-        ),
     ]
+    if biases:
+        conversions += [
+            WeightConverter(
+                [f"{each}.gate_proj.bias", f"{each}.up_proj.bias"],
+                f"{prefix}.gate_up_proj_bias",
+                gate_up_bias,
+            ),
+            WeightConverter(
+                f"{each}.down_proj.bias",
+                f"{prefix}.down_proj_bias",
+                [MergeModulelist(dim=0)],
+            ),
+        ]
+    return conversions
 
 
-def fused_save_conversions() -> list[WeightTransform]:
+def fused_save_conversions(spec: MoEArchSpec) -> list[WeightTransform]:
     """
-    For ``model._weight_conversions`` of a linearized gpt-oss: written in the load
-    direction (fused on disk -> per-expert in memory), so that ``save_pretrained``,
-    which applies the reverse, writes the hub's fused tensors. Only valid while
-    the experts are unquantized (packed tensors have other names and shapes).
+    For ``model._weight_conversions`` of a linearized fused-on-disk family
+    (gpt-oss, Llama-4): written in the load direction (fused on disk ->
+    per-expert in memory), so that ``save_pretrained``, which applies the
+    reverse, writes the hub's fused tensors. Only valid while the experts are
+    unquantized (packed tensors have other names and shapes).
     """
+    prefix, interleaved, biases = _fused_layout(spec)
+    each = f"{prefix}.*"
+    gate_up = [Transpose(1, 2), Chunk(dim=1), SplitModulelist(dim=0)]
+    gate_up_bias = [Chunk(dim=1), SplitModulelist(dim=0)]
+    if interleaved:
+        gate_up.insert(0, Interleave(dim=2))
+        gate_up_bias.insert(0, Interleave(dim=1))
     # `$` keeps `gate_up_proj` from also matching `gate_up_proj_bias`
-    return [
+    conversions = [
         WeightConverter(
-            "mlp.experts.gate_up_proj$",
-            [f"{_EXPERT}.gate_proj.weight", f"{_EXPERT}.up_proj.weight"],
-            [Interleave(dim=2), Transpose(1, 2), Chunk(dim=1), SplitModulelist(dim=0)],
+            f"{prefix}.gate_up_proj$",
+            [f"{each}.gate_proj.weight", f"{each}.up_proj.weight"],
+            gate_up,
         ),
         WeightConverter(
-            "mlp.experts.gate_up_proj_bias$",
-            [f"{_EXPERT}.gate_proj.bias", f"{_EXPERT}.up_proj.bias"],
-            [Interleave(dim=1), Chunk(dim=1), SplitModulelist(dim=0)],
-        ),
-        WeightConverter(
-            "mlp.experts.down_proj$",
-            f"{_EXPERT}.down_proj.weight",
+            f"{prefix}.down_proj$",
+            f"{each}.down_proj.weight",
             [Transpose(1, 2), SplitModulelist(dim=0)],
         ),
-        WeightConverter(
-            "mlp.experts.down_proj_bias$",
-            f"{_EXPERT}.down_proj.bias",
-            [SplitModulelist(dim=0)],
-        ),
     ]
+    if biases:
+        conversions += [
+            WeightConverter(
+                f"{prefix}.gate_up_proj_bias$",
+                [f"{each}.gate_proj.bias", f"{each}.up_proj.bias"],
+                gate_up_bias,
+            ),
+            WeightConverter(
+                f"{prefix}.down_proj_bias$",
+                f"{each}.down_proj.bias",
+                [SplitModulelist(dim=0)],
+            ),
+        ]
+    return conversions
 
 
 def hub_save_conversions(
@@ -196,7 +219,7 @@ def per_expert_checkpoints(model_type: str = "gpt_oss") -> Iterator[None]:
 
     previous = get_checkpoint_conversion_mapping(model_type)
     if spec.fused_on_disk:
-        conversions = per_expert_load_conversions() + packed_names_load_conversions(
+        conversions = per_expert_load_conversions(spec) + packed_names_load_conversions(
             spec
         )
     else:

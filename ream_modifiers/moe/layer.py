@@ -320,6 +320,10 @@ def find_moe_layers(
             "tensors. Load the model with ream_modifiers.load_moe_model(), or call "
             "llmcompressor.modeling.moe.linearize.linearize_moe(model) first."
         )
+    if spec.input_weighted:
+        from ream_modifiers.moe.input_weighted import adapt_input_weighted_blocks
+
+        adapt_input_weighted_blocks(model)
     patterns = [re.compile(p.removeprefix("re:")) for p in ignore]
     layers = []
     for name, module in model.named_modules():

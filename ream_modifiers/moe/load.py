@@ -42,6 +42,10 @@ from ream_modifiers.moe.conversions import (
     per_expert_checkpoints,
     register_loaded_as_mappings,
 )
+from ream_modifiers.moe.input_weighted import (
+    adapt_input_weighted_blocks,
+    register_input_weighted_experts,
+)
 from ream_modifiers.moe.offload import Offload, offload_load_kwargs
 
 __all__ = ["load_moe_model", "load_context_available", "ensure_hub_save_names"]
@@ -64,7 +68,7 @@ def ensure_hub_save_names(model: PreTrainedModel) -> None:
     spec = get_arch_spec(model.config)
     if spec.fused_on_disk:
         model._weight_conversions = (
-            [] if _experts_quantized(model) else fused_save_conversions()
+            [] if _experts_quantized(model) else fused_save_conversions(spec)
         )
     elif spec.linear_save_renames or spec.keep_load_converters:
         model._weight_conversions = hub_save_conversions(
@@ -136,6 +140,7 @@ def load_moe_model(
     """
     kwargs.update(offload_load_kwargs(offload, offload_folder, kwargs))
     register_loaded_as_mappings()
+    register_input_weighted_experts()
     config = _checkpoint_config(model_id, kwargs)
     if config is not None:
         # llm-compressor's load_context resolves configs through AutoConfig,
@@ -325,6 +330,7 @@ def _linearized(model: PreTrainedModel) -> PreTrainedModel:
         _linearize_offloaded(model)
     else:
         linearize_moe(model)
+    adapt_input_weighted_blocks(model)
     ensure_hub_save_names(model)
     return model
 

@@ -249,6 +249,10 @@ class LayerStatsCollector:
             )
             if all_outputs is not None:
                 all_outputs = all_outputs[routing.valid]
+        if self.layer.spec.input_weighted:
+            output, all_outputs = _per_unit_weight(
+                expert, output, weights, all_outputs, routing
+            )
         batch = ExpertBatch(expert, token_index, weights, output, all_outputs, routing)
         for statistic in self.statistics:
             statistic.update_expert(batch)
@@ -322,3 +326,25 @@ class LayerStatsCollector:
         seen = torch.tensor([self.batches_seen, self.tokens_seen], dtype=torch.long)
         dist.reduce(seen, dst=source, group=group)
         self.batches_seen, self.tokens_seen = seen.tolist()
+
+
+def _per_unit_weight(
+    expert: int,
+    output: torch.Tensor,
+    weights: torch.Tensor,
+    all_outputs: torch.Tensor | None,
+    routing: BatchRouting,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """
+    An input-weighted expert's outputs ``f(s x)`` as ``f(s x) / s``, so that the
+    statistics' ``s * output`` is the expert's contribution to the layer; on
+    every token, ``s`` is the token's score for this expert (its input scale).
+    """
+    routed = (output.float() / weights.float()[:, None]).to(output.dtype)
+    if all_outputs is None:
+        return routed, None
+    scores = routing.probabilities()[:, expert]
+    if routing.valid is not None:
+        scores = scores[routing.valid]
+    every = (all_outputs.float() / scores[:, None]).to(all_outputs.dtype)
+    return routed, every

@@ -68,6 +68,7 @@ FAMILIES = [
     "exaone_moe",
     "mellum",
     "cohere2_moe",
+    "llama4_text",
 ]
 # every registered method at 25%, with its quick settings for tiny models
 MODIFIERS = {
@@ -130,10 +131,10 @@ def _check_expert_tensors(spec, layers, shapes, quantized):
     for layer in layers:
         prefix = f"{layer}.{block}.experts"
         if spec.fused_on_disk and not quantized:
-            # gpt-oss hub layout: one fused tensor per projection and bias
-            for name in ("gate_up_proj", "gate_up_proj_bias", "down_proj"):
+            # the hub layout (gpt-oss, Llama-4): one fused tensor per
+            # projection (and bias)
+            for name in spec.fused_experts:
                 assert shapes[f"{prefix}.{name}"][0] == KEPT, name
-            assert shapes[f"{prefix}.down_proj_bias"][0] == KEPT
             assert not any(k.startswith(f"{prefix}.0.") for k in shapes)
             continue
         suffix = "weight_packed" if quantized else "weight"
