@@ -84,13 +84,13 @@ UNSUPPORTED_CONFIGS = {
         ffn_config={"moe_num_experts": 8, "moe_top_k": 2, "ffn_hidden_size": 128},
     ),
     # a refused vision-language wrapper
-    "llama4": dict(
-        model_type="llama4",
-        architectures=["Llama4ForConditionalGeneration"],
+    "ernie4_5_vl_moe": dict(
+        model_type="ernie4_5_vl_moe",
+        architectures=["Ernie4_5_VLMoeForConditionalGeneration"],
         text_config=dict(
-            model_type="llama4_text",
-            num_local_experts=8,
-            num_experts_per_tok=1,
+            model_type="ernie4_5_vl_moe_text",
+            moe_num_experts=8,
+            moe_k=2,
             **_SMALL,
         ),
     ),
@@ -249,10 +249,10 @@ CASES = {
         "serve MiniMax-M2",
         model="minimax",
     ),
-    "unsupported-family-llama4": Case(
-        "(model_type 'llama4'), which cannot be reduced: not supported yet",
-        "reduce a text-only Llama-4 checkpoint (model_type llama4_text)",
-        model="llama4",
+    "unsupported-family-ernie4_5_vl_moe": Case(
+        "(model_type 'ernie4_5_vl_moe'), which cannot be reduced: not supported yet",
+        "reduce the text-only ERNIE-4.5-MoE (ernie4_5_moe)",
+        model="ernie4_5_vl_moe",
     ),
     "unsupported-family-dbrx": Case(
         "is DBRX (model_type 'dbrx'), which cannot be reduced",

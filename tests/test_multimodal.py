@@ -18,13 +18,14 @@ from ream_modifiers.moe.architectures import ARCHITECTURES
 from ream_modifiers.processor_files import copy_processor_files
 from tests.check.editing import drop, edited
 
-FAMILIES = ("qwen3_vl_moe", "qwen3_5_moe", "glm4v_moe", "kimi_k25")
+FAMILIES = ("qwen3_vl_moe", "qwen3_5_moe", "glm4v_moe", "kimi_k25", "llama4")
 # where each family keeps its vision tower, and its projector (merger)
 TOWERS = {
     "qwen3_vl_moe": ("model.visual.", ".merger."),
     "qwen3_5_moe": ("model.visual.", ".merger."),
     "glm4v_moe": ("model.visual.", ".merger."),
     "kimi_k25": ("vision_tower.", "mm_projector."),
+    "llama4": ("vision_model.", "multi_modal_projector."),
 }
 
 
@@ -41,7 +42,10 @@ def _vision(tensors: dict) -> dict:
         name: tensor
         for name, tensor in tensors.items()
         # Kimi-K2.5's projector sits beside its tower
-        if any(marker in name for marker in (*VISION_MARKERS, "mm_projector."))
+        if any(
+            marker in name
+            for marker in (*VISION_MARKERS, "mm_projector.", "multi_modal_projector.")
+        )
     }
 
 

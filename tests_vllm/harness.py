@@ -47,6 +47,10 @@ VLLM_OVERRIDES: dict[str, dict] = {
     ),
     "glm4_moe_lite": dict(kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=32),
     "kimi_k25": dict(kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=32),
+    # vLLM's glm4_moe.py reads `use_qk_norm` from the text config, a key
+    # transformers' Glm4vMoeTextConfig does not define (GLM-4.5's own does;
+    # false there by default)
+    "glm4v_moe": dict(use_qk_norm=False),
     "qwen3_next": dict(
         head_dim=128, linear_key_head_dim=128, linear_value_head_dim=128
     ),

@@ -81,6 +81,16 @@ LOADS_ONLY = {
     # selection bias and the scaling factor (2026-12-01)
     "lfm2_moe": "uncompressed model differs (gap 0.2-0.4)",
 }
+# vision-language families whose multimodal processor this venv cannot build
+# (transformers implements it only with torchvision, and .venv-vllm has none:
+# no torchvision wheel for its CPU torch): vLLM serves their language model
+# alone (`language_model_only`: the towers are neither built nor read); the
+# unit tests check that the towers are saved bit-identical
+LANGUAGE_ONLY = {
+    "llama4": "Llama-4's image processor is torchvision-only",
+    # its processor also builds a video processor, torchvision-only
+    "glm4v_moe": "Failed to apply Glm4vProcessor",
+}
 # families vLLM's CPU build cannot run at all, and what it says: checked here by
 # the unit matrix and the checker only (a GPU run is needed); the test below
 # fails the day the CPU build runs them, so they join the matrix then
@@ -91,10 +101,6 @@ CPU_REFUSES = {
     "jamba": "has no attribute 'selective_scan_fwd'",
     # ungated (relu²) experts: vLLM's CPU MoE runs gated activations only
     "nemotron_h": "is_act_and_mul=False is supported only for CUDA",
-    # not the CPU build but this venv: GLM-4.5V's processor builds its video
-    # processor, which transformers implements only with torchvision, and
-    # .venv-vllm has none (no torchvision wheel for its CPU torch)
-    "glm4v_moe": "Failed to apply Glm4vProcessor",
     # its model is vLLM's GPU (Triton KDA) implementation, whose config hook
     # sets a Mamba block size that the CPU build's configuration then rejects,
     # with or without prefix caching requested (probed 2026-12-04)
@@ -225,6 +231,7 @@ class Batch:
             "speculative": MTP_DECODING[cell.family]
             if cell.method in SPECULATIVE
             else None,
+            "language_model_only": cell.family in LANGUAGE_ONLY,
         }
 
     @staticmethod
@@ -431,8 +438,7 @@ def test_uncompressed_models_match_exactly(batch, family):
 def test_cpu_build_cannot_run_these_families(batch, cell):
     """DeepSeek-V3.2 and GLM-5 need sparse (DSA) attention, Jamba a Mamba scan
     kernel, Nemotron-H ungated MoE experts and Kimi-Linear vLLM's GPU model,
-    which vLLM's CPU build does not have, and GLM-4.5V torchvision, which this
-    venv does not: the engine cannot run."""
+    which vLLM's CPU build does not have: the engine cannot run."""
     served = batch.served[cell]
     assert not served.vllm["ok"]
     assert CPU_REFUSES[cell.family] in served.vllm["error"]

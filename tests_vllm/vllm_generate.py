@@ -63,6 +63,7 @@ def generate(
     tokens: int,
     dtype: str,
     speculative: dict | None = None,
+    language_model_only: bool = False,
 ) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -70,6 +71,9 @@ def generate(
     extra = {"moe_backend": "emulation"} if _int4(model) else {}
     if speculative is not None:
         extra["speculative_config"] = speculative
+    if language_model_only:
+        # the towers are not built (nor read), nor the multimodal processor
+        extra["language_model_only"] = True
     llm = LLM(
         model=model,
         dtype=dtype,
@@ -130,6 +134,7 @@ def main(source: str) -> None:
                 job["tokens"],
                 job.get("dtype", "float32"),
                 job.get("speculative"),
+                job.get("language_model_only", False),
             )
             result["ok"] = True
         except Exception as error:  # noqa: BLE001 - reported per checkpoint
