@@ -279,14 +279,20 @@ def labels_to_groups(labels: Sequence[int], centroids: Sequence[int]) -> LayerGr
     return groups
 
 
-def recoveries(original: Mapping[str, float], compressed: Mapping[str, float]) -> dict:
+def recoveries(
+    original: Mapping[str, float] | None, compressed: Mapping[str, float] | None
+) -> dict:
     """
     Perplexity recovery per domain, ppl(original) / ppl(compressed), and mean.
 
-    :param original: ``{domain: perplexity}`` of the uncompressed model
+    :param original: ``{domain: perplexity}`` of the uncompressed model (None:
+        not measured)
     :param compressed: ``{domain: perplexity}`` of the compressed model
-    :return: ``{domain: recovery, ..., "mean": mean recovery}``
+    :return: ``{domain: recovery, ..., "mean": mean recovery}``; empty when
+        either side was not measured
     """
+    if original is None or compressed is None:
+        return {}
     values = {d: original[d] / compressed[d] for d in original}
     values["mean"] = sum(values.values()) / len(values)
     return {key: round(value, 4) for key, value in values.items()}
@@ -315,12 +321,16 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
         agree = row["agreement"]
         lines.append(
             f"| {row['ratio']:.0%} ({row['experts_kept']} kept) "
-            f"| {ref['recovery']['mean']:.1%} | {ours['recovery']['mean']:.1%} "
+            f"| {_percent(ref['recovery'])} | {_percent(ours['recovery'])} "
             f"| {domains} | {agree['identical_partitions']:.0%} "
             f"| {agree['ari']:.3f} | {agree['identical_kept']:.0%} "
             f"| {_seconds(ref)} / {_seconds(ours)} |"
         )
     return "\n".join(lines)
+
+
+def _percent(recovery: Mapping[str, float]) -> str:
+    return f"{recovery['mean']:.1%}" if "mean" in recovery else "-"
 
 
 def _seconds(side: Mapping[str, Any]) -> str:
@@ -428,7 +438,7 @@ def run_reference(
     from transformers import AutoModelForCausalLM
 
     merger_module = import_reference(source)
-    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     num_experts = model.config.num_experts
     batch = {
         "input_ids": torch.tensor(rows, dtype=torch.long),
@@ -495,9 +505,11 @@ def run_ours(
     kwargs: dict[str, Any],
     tokenizer: PreTrainedTokenizerBase,
     batch_size: int,
+    model_dir: Path = MODEL,
 ) -> tuple[PreTrainedModel, dict[int, LayerGroups], tuple[float, float], dict]:
     """
-    Compress the fixture with ``REAMModifier`` through ``oneshot``.
+    Compress the model (the fixture by default) with ``REAMModifier`` through
+    ``oneshot``.
 
     :param rows: calibration token ids, equal-length rows
     :param ratio: share of experts removed per layer
@@ -505,6 +517,7 @@ def run_ours(
     :param tokenizer: the fixture's tokenizer
     :param batch_size: rows per calibration batch; the rows are fed in order, not
         shuffled, so batches are the reference's chunks
+    :param model_dir: the Qwen3-MoE checkpoint to compress
     :return: the compressed model, ``{layer: {kept: group}}``, the wall and CPU
         seconds of ``oneshot`` and the modifier's settings from its report
     """
@@ -517,7 +530,7 @@ def run_ours(
     from ream_modifiers.moe import load_moe_model
 
     reset_session()
-    model = load_moe_model(MODEL, dtype=torch.float32)
+    model = load_moe_model(model_dir, dtype=torch.float32)
     with tempfile.TemporaryDirectory() as work:
         fields = {"report_path": f"{work}/report.json", **kwargs}
         modifier = REAMModifier(sparsity=ratio, **fields)
@@ -558,6 +571,36 @@ def heldout_perplexities(
 
     scores = heldout_perplexity(model, tokenizer, dict(texts))
     return {d: scores[f"{d}_heldout_ppl"] for d in texts}
+
+
+def build_random_model(overrides: Mapping[str, Any], where: Path) -> Path:
+    """
+    A random Qwen3-MoE (the fixture's routing: 32 experts, top-4, renormalised,
+    its vocabulary and tokenizer) with ``overrides`` applied, saved in fp32.
+
+    :param overrides: config fields, e.g. the width of a real model
+    :param where: folder under which ``tmp/random_model`` is written
+    :return: the model directory
+    """
+    import shutil
+
+    import torch
+
+    from ream_modifiers.tiny import build_tiny_moe
+
+    fixture = json.loads((MODEL / "config.json").read_text())
+    shape = {
+        key: fixture[key]
+        for key in ("vocab_size", "num_experts_per_tok", "norm_topk_prob")
+    }
+    shape["num_experts"] = fixture["num_local_experts"]
+    directory = where / "tmp" / "random_model"
+    build_tiny_moe(
+        "qwen3_moe", directory, dtype=torch.float32, **{**shape, **overrides}
+    )
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(MODEL / name, directory / name)
+    return directory
 
 
 def _reference_commit(source: Path) -> str | None:
@@ -606,6 +649,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default={},
         help="JSON object of extra REAMModifier fields, passed through unchanged",
     )
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=MODEL,
+        help="a Qwen3-MoE checkpoint instead of the fixture (its own tokenizer "
+        "tokenizes the fixture's calibration text), e.g. a random model of "
+        "realistic width from bench_memory.py --build",
+    )
+    parser.add_argument(
+        "--random-model",
+        type=json.loads,
+        default=None,
+        help="JSON config overrides of a random Qwen3-MoE to build and use instead "
+        "of --model, with the fixture's tokenizer, e.g. '{\"hidden_size\": 2048, "
+        '"moe_intermediate_size": 768, "num_hidden_layers": 2}\'',
+    )
+    parser.add_argument(
+        "--no-heldout",
+        action="store_true",
+        help="skip the held-out perplexities (meaningless on a random model)",
+    )
     parser.add_argument("--output", type=Path, default=OUTPUT)
     return parser.parse_args(argv)
 
@@ -625,19 +689,30 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     quiet()
     torch.manual_seed(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    if args.random_model is not None:
+        args.model = build_random_model(args.random_model, args.output.parent)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
     rows = calibration_rows(tokenizer, args.calibration_rows, SEQ_LEN)
     texts = {
         d: read_jsonl_texts(FIXTURE / "data" / f"{d}_heldout.jsonl") for d in DOMAINS
     }
-    original_model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
-    original = heldout_perplexities(original_model.eval(), tokenizer, texts)
+
+    def perplexities(model: PreTrainedModel) -> dict[str, float] | None:
+        if args.no_heldout:
+            return None
+        return heldout_perplexities(model.eval(), tokenizer, texts)
+
+    original_model = AutoModelForCausalLM.from_pretrained(
+        args.model, dtype=torch.float32
+    )
+    original = perplexities(original_model)
     num_experts = original_model.config.num_experts
     del original_model
     print(f"original held-out perplexity: {original}", flush=True)
     LOG.parent.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),
+        "model": str(args.model),
         "reference": {
             "source": str(args.ream_src),
             "commit": _reference_commit(args.ream_src),
@@ -660,12 +735,17 @@ def main(argv: Sequence[str] | None = None) -> None:
             ref_model, ref_groups, ref_seconds = run_reference(
                 args.ream_src, rows, ratio, args, log
             )
-            ref_ppl = heldout_perplexities(ref_model, tokenizer, texts)
+            ref_ppl = perplexities(ref_model)
             del ref_model
             our_model, our_groups, our_seconds, settings = run_ours(
-                rows, ratio, args.ours_kwargs, tokenizer, args.ours_batch_size
+                rows,
+                ratio,
+                args.ours_kwargs,
+                tokenizer,
+                args.ours_batch_size,
+                args.model,
             )
-            our_ppl = heldout_perplexities(our_model, tokenizer, texts)
+            our_ppl = perplexities(our_model)
             del our_model
             row = {
                 "ratio": ratio,

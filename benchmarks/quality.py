@@ -117,8 +117,14 @@ def compress_and_score(
     return row
 
 
-def method_recipe(name: str, ratio: float, quant: bool) -> list:
-    recipe = [METHODS[name](sparsity=ratio)]
+def method_recipe(
+    name: str, ratio: float, quant: bool, settings: dict | None = None
+) -> list:
+    """
+    The recipe of one row: the method at ``ratio`` (with ``settings``, its
+    fields beyond the defaults) and, with ``quant``, the W4A16 GPTQ stage.
+    """
+    recipe = [METHODS[name](sparsity=ratio, **(settings or {}))]
     if quant:
         recipe.append(GPTQModifier(**gptq_stage()))
     return recipe
@@ -184,6 +190,13 @@ def main() -> None:
         help="score held-out perplexity only (the headline; minutes faster a row)",
     )
     parser.add_argument("--calibration-rows", type=int, default=64)
+    parser.add_argument(
+        "--settings",
+        type=json.loads,
+        default={},
+        help='JSON {method: {field: value}}, e.g. \'{"REAM": {"pca_method": '
+        '"exact"}}\' (a variant run: use with --tag)',
+    )
     args = parser.parse_args()
     quiet()
     tokenizer = AutoTokenizer.from_pretrained(FIXTURE / "model")
@@ -229,7 +242,9 @@ def main() -> None:
                 if label(key) in done:
                     record(done[label(key)])
                     continue
-                recipe = method_recipe(name, ratio, quant == "W4A16")
+                recipe = method_recipe(
+                    name, ratio, quant == "W4A16", args.settings.get(name)
+                )
                 row = compress_and_score(
                     recipe, calibration, tokenizer, len(rows_ids), not args.no_lm_eval
                 )

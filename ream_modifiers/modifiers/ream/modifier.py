@@ -66,7 +66,12 @@ class REAMModifier(ExpertMergingModifier):
       paper's g*||f|| instead, ``saliency: frequency`` the paper's "no REAP"
       ablation (all choices in :mod:`ream_modifiers.engines.saliency`);
     - router-logit similarity comes from the exact Gram matrix of all tokens'
-      logits rather than stored logits; the PCA is exact rather than randomised;
+      logits rather than stored logits;
+    - the PCA weight descriptor is randomised like the reference's, with 16
+      oversampled directions and 4 power iterations instead of its 0 and 2, on
+      the streamed covariance (``pca_method: exact`` gives the exact
+      eigendecomposition: the same held-out recovery on the fixture, 11x the
+      time at Qwen3-30B-A3B's width; BENCHMARKS.md);
     - with group-limited routers, centroids and groups stay inside router groups.
 
     Example recipe::
