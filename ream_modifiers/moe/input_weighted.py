@@ -20,7 +20,7 @@ without changing its output:
   its class changes, so llm-compressor's and the checkpoint's module names hold).
 
 The collector then reads ``f_e(s x) / s`` as an expert's output
-(:func:`ream_modifiers.observe.collector`): weighted by ``s``, as every method
+(:mod:`ream_modifiers.observe.collector`): weighted by ``s``, as every method
 here weights outputs, it is the expert's actual contribution ``f_e(s x)``.
 """
 

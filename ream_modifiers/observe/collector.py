@@ -340,11 +340,13 @@ def _per_unit_weight(
     statistics' ``s * output`` is the expert's contribution to the layer; on
     every token, ``s`` is the token's score for this expert (its input scale).
     """
-    routed = (output.float() / weights.float()[:, None]).to(output.dtype)
+    # a score that underflowed to 0 scaled the input to 0, and f(0) = 0 here
+    tiny = torch.finfo(torch.float32).tiny
+    routed = output.float() / weights.float().clamp(min=tiny)[:, None]
     if all_outputs is None:
-        return routed, None
+        return routed.to(output.dtype), None
     scores = routing.probabilities()[:, expert]
     if routing.valid is not None:
         scores = scores[routing.valid]
-    every = (all_outputs.float() / scores[:, None]).to(all_outputs.dtype)
-    return routed, every
+    every = all_outputs.float() / scores.float().clamp(min=tiny)[:, None]
+    return routed.to(output.dtype), every.to(all_outputs.dtype)

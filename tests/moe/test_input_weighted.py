@@ -11,7 +11,7 @@ import pytest
 import torch
 from llmcompressor.modeling.moe.context import moe_calibration_context
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from ream_modifiers.engines.reproduction import expert_output, routed_output
 from ream_modifiers.modifiers import REAPModifier
@@ -186,3 +186,25 @@ def test_pruning_saves_the_kept_experts_in_the_hub_fused_layout(
         router = f"{name}.router.weight"
         assert torch.equal(saved[router], source[router][kept])
     assert not any(".experts.0." in key for key in saved)
+
+
+def test_experts_linearized_by_another_class_are_refused_before_calibration(
+    tiny_model_dir, monkeypatch
+):
+    """llm-compressor's own Llama-4 class (what a model linearized before our
+    registration holds) keeps the fused call; the error says what to do."""
+    from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
+    from llmcompressor.modeling.moe.linearize import linearize_moe
+    from llmcompressor.modeling.moe.llama4 import Llama4LinearExperts
+    from transformers.models.llama4.modeling_llama4 import Llama4TextExperts
+
+    from ream_modifiers.moe.auto import auto_model_class
+
+    path = tiny_model_dir("llama4")
+    model = auto_model_class(AutoConfig.from_pretrained(path)).from_pretrained(path)
+    monkeypatch.setitem(
+        LinearExperts2D._registry, Llama4TextExperts, Llama4LinearExperts
+    )
+    linearize_moe(model)
+    with pytest.raises(TypeError, match="Import ream_modifiers before loading"):
+        find_moe_layers(model)
