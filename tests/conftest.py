@@ -120,3 +120,18 @@ def copy_expert(layer, source: int, target: int, perm=None) -> None:
 def sample_input_ids(batch: int = 2, length: int = 24, vocab: int = 512, seed: int = 1):
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, length), generator=generator)
+
+
+def hook_registrar(handles: list):
+    """A collector's ``register(module, fn, kind)`` on plain torch hooks; the
+    handles go to ``handles`` (for removal after the forward)."""
+
+    def register(module, fn, kind):
+        method = {
+            "forward": module.register_forward_hook,
+            "forward_pre": module.register_forward_pre_hook,
+        }[kind]
+        handles.append(method(fn))
+        return handles[-1]
+
+    return register

@@ -131,7 +131,7 @@ def _lowrank_directions(
         basis = torch.linalg.qr(covariance_times(basis).float()).Q
     # Rayleigh-Ritz in the sampled subspace
     projected = basis.double().T @ covariance_times(basis)
-    values, vectors = torch.linalg.eigh((projected + projected.T) / 2)
+    vectors = torch.linalg.eigh((projected + projected.T) / 2).eigenvectors
     directions = basis.double() @ vectors[:, -min(dim, k) :].flip(-1)
     return mean, directions
 

@@ -25,7 +25,7 @@ from ream_modifiers.observe import (
     MeanExpertOutput,
     RoutedExpertSums,
 )
-from tests.conftest import run_modifier, sample_input_ids
+from tests.conftest import hook_registrar, run_modifier, sample_input_ids
 
 FAMILY = "llama4_text"
 
@@ -73,18 +73,6 @@ def test_the_adapted_block_computes_what_transformers_computes(
     assert adapt_input_weighted_blocks(model) == 0
 
 
-def _register(handles):
-    def register(module, fn, kind):
-        hook = {
-            "forward": module.register_forward_hook,
-            "forward_pre": module.register_forward_pre_hook,
-        }[kind]
-        handles.append(hook(fn))
-        return handles[-1]
-
-    return register
-
-
 @pytest.mark.parametrize("all_experts", [False, True])
 def test_statistics_see_each_experts_contribution(
     tiny_model_dir, load_tiny, all_experts
@@ -108,7 +96,7 @@ def test_statistics_see_each_experts_contribution(
         statistics.append(MeanExpertOutput(8))
     collector = LayerStatsCollector(layer, statistics)
     handles: list = []
-    collector.attach(_register(handles))
+    collector.attach(hook_registrar(handles))
     with torch.no_grad():
         if all_experts:
             with moe_calibration_context():

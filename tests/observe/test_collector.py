@@ -8,19 +8,7 @@ from ream_modifiers.observe import (
     MeanExpertOutput,
     RoutedExpertSums,
 )
-from tests.conftest import sample_input_ids
-
-
-def _register(handles):
-    def register(module, fn, kind):
-        method = {
-            "forward": module.register_forward_hook,
-            "forward_pre": module.register_forward_pre_hook,
-        }[kind]
-        handles.append(method(fn))
-        return handles[-1]
-
-    return register
+from tests.conftest import hook_registrar, sample_input_ids
 
 
 def _expected_sums(layer, hidden, index, weights, valid):
@@ -62,7 +50,7 @@ def test_routed_sums_match_a_hand_computation(load_tiny, model_type, all_experts
             lambda m, args: seen.update(args=args[:3])
         )
     )
-    collector.attach(_register(handles))
+    collector.attach(hook_registrar(handles))
     with torch.no_grad():
         if all_experts:
             with moe_calibration_context():
@@ -96,7 +84,7 @@ def test_mean_output_requires_all_experts(load_tiny):
     layer = find_moe_layers(model)[0]
     collector = LayerStatsCollector(layer, [MeanExpertOutput(8)])
     handles = []
-    collector.attach(_register(handles))
+    collector.attach(hook_registrar(handles))
     with pytest.raises(RuntimeError, match="moe_calibrate_all_experts=True"):
         with torch.no_grad():
             model(sample_input_ids())
@@ -108,7 +96,7 @@ def test_padding_mask_of_the_wrong_size_is_an_error(load_tiny):
     collector = LayerStatsCollector(
         layer, [RoutedExpertSums(8)], padding_masks=[torch.ones(5, dtype=torch.bool)]
     )
-    collector.attach(_register([]))
+    collector.attach(hook_registrar([]))
     with pytest.raises(RuntimeError, match="cannot be excluded"):
         with torch.no_grad():
             model(sample_input_ids())
@@ -118,7 +106,7 @@ def test_memory_does_not_grow_with_batches(load_tiny):
     model, _, _ = load_tiny("qwen3_moe")
     layer = find_moe_layers(model)[0]
     collector = LayerStatsCollector(layer, [RoutedExpertSums(8)])
-    collector.attach(_register([]))
+    collector.attach(hook_registrar([]))
     with torch.no_grad():
         model(sample_input_ids(seed=1))
         sizes = {k: v.numel() for k, v in collector["routed"].tensors.items()}
@@ -172,7 +160,7 @@ def test_p_squared_sums_match_a_hand_computation(load_tiny, model_type):
     handles.append(
         layer.experts.register_forward_pre_hook(lambda m, args: seen.append(args[:3]))
     )
-    collector.attach(_register(handles))
+    collector.attach(hook_registrar(handles))
     with torch.no_grad():
         model(sample_input_ids(batch=2, length=10, seed=3))
         model(sample_input_ids(batch=1, length=12, seed=4))
@@ -219,7 +207,7 @@ def test_routing_rules_that_do_not_reproduce_the_model_stop_calibration(
         changed = {"scoring": "sigmoid"}
     layer.routing = dataclasses.replace(layer.routing, **changed)
     collector = LayerStatsCollector(layer, [RoutedExpertSums(8)])
-    collector.attach(_register([]))
+    collector.attach(hook_registrar([]))
     with pytest.raises(MoEModelError) as refused:
         with torch.no_grad():
             model(sample_input_ids())
