@@ -18,6 +18,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from ream_modifiers.errors import InputError
+from ream_modifiers.moe.architectures import text_config_entry
 
 __all__ = ["QuantizedSourceError", "check_unquantized_source"]
 
@@ -31,8 +32,9 @@ class QuantizedSourceError(InputError):
 
 def _quantization_config(config: dict[str, Any]) -> dict[str, Any] | None:
     found = config.get("quantization_config") or config.get("compression_config")
-    if found is None and isinstance(config.get("text_config"), dict):
-        return _quantization_config(config["text_config"])
+    text, prefix = text_config_entry(config)
+    if found is None and prefix:
+        return _quantization_config(text)
     return found
 
 

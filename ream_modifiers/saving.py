@@ -20,6 +20,7 @@ from ream_modifiers.allocator import release_freed_memory_eagerly
 from ream_modifiers.distributed import is_source_process
 from ream_modifiers.model_files import find_model_file
 from ream_modifiers.moe.architectures import get_arch_spec, text_config
+from ream_modifiers.moe.auto import is_multimodal
 from ream_modifiers.moe.mtp import carry_mtp_layers
 from ream_modifiers.moe.offload import disk_offloaded
 from ream_modifiers.moe.packed_names import write_packed_names
@@ -101,8 +102,10 @@ def finish_saved_checkpoint(model: PreTrainedModel, save_directory) -> None:
     source = model.name_or_path
     mtp = {}
     if source and Path(source).resolve() != Path(save_directory).resolve():
-        if getattr(model.config, "vision_config", None) is not None:
-            # a vision-language model is served only with its preprocessing configs
+        if getattr(model.config, "vision_config", None) is not None or (
+            is_multimodal(model.config)  # Qwen3-Omni: nested in thinker_config
+        ):
+            # a multimodal model is served only with its preprocessing configs
             copy_processor_files(source, Path(save_directory))
         if spec.mtp_layers_key or spec.mtp_module:
             # a hub model's files are in its cache snapshot

@@ -14,11 +14,18 @@ from safetensors import safe_open
 from ream_modifiers.check import check_checkpoint
 from ream_modifiers.check.multimodal import VISION_MARKERS
 from ream_modifiers.cli import compress
-from ream_modifiers.moe.architectures import ARCHITECTURES
+from ream_modifiers.moe.architectures import ARCHITECTURES, text_config_entry
 from ream_modifiers.processor_files import copy_processor_files
 from tests.check.editing import drop, edited
 
-FAMILIES = ("qwen3_vl_moe", "qwen3_5_moe", "glm4v_moe", "kimi_k25", "llama4")
+FAMILIES = (
+    "qwen3_vl_moe",
+    "qwen3_5_moe",
+    "glm4v_moe",
+    "kimi_k25",
+    "llama4",
+    "qwen3_omni_moe",
+)
 # where each family keeps its vision tower, and its projector (merger)
 TOWERS = {
     "qwen3_vl_moe": ("model.visual.", ".merger."),
@@ -26,6 +33,7 @@ TOWERS = {
     "glm4v_moe": ("model.visual.", ".merger."),
     "kimi_k25": ("vision_tower.", "mm_projector."),
     "llama4": ("vision_model.", "multi_modal_projector."),
+    "qwen3_omni_moe": ("thinker.visual.", ".merger."),
 }
 
 
@@ -90,15 +98,20 @@ def test_language_model_experts_reduced_and_quantized(compressed):
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] in FAMILIES
     spec = ARCHITECTURES[config["model_type"]]
-    assert config["text_config"][spec.num_experts_key] == 6
-    assert "vision_config" in config
+    text, path = text_config_entry(config)
+    assert text[spec.num_experts_key] == 6
+    assert "vision_config" in (
+        config["thinker_config"] if "thinker" in path else config
+    )
     report = check_checkpoint(out)
     assert report.violations == []
     # two MoE layers of 6 (GLM-4.5V's and Kimi-K2.5's first layer is dense)
     assert list(report.experts_per_layer.values()) == [6, 6]
     first = next(iter(report.experts_per_layer))
     # Kimi-K2.5's hub (and vLLM) names put the language model first
-    assert first.startswith(("model.language_model.layers.", "language_model.model."))
+    assert first.startswith(
+        ("model.language_model.layers.", "language_model.model.", "thinker.model.")
+    )
     names = _tensors(out)
     assert f"{first}.experts.5.down_proj.weight_packed" in names
     assert f"{first}.experts.6.down_proj.weight_packed" not in names

@@ -23,6 +23,7 @@ from ream_modifiers.data import build_calibration_dataset
 from ream_modifiers.moe import load_moe_model
 from ream_modifiers.moe.auto import auto_model_class
 from ream_modifiers.moe.conversions import per_expert_checkpoints
+from ream_modifiers.moe.forward_module import adapt_forward_module
 from ream_modifiers.tiny import TINY_CONFIGS, build_tiny_moe
 from tests.conftest import NUM_SAMPLES, SEQ_LEN
 
@@ -148,6 +149,7 @@ def load_transformers(directory: Path, family: str):
         model = auto_model_class(config).from_pretrained(
             directory, dtype=dtype_of(family)
         )
+    adapt_forward_module(model)  # Qwen3-Omni: the thinker's forward
     return model.to(dtype_of(family)).eval()
 
 

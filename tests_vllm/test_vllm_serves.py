@@ -90,6 +90,9 @@ LANGUAGE_ONLY = {
     "llama4": "Llama-4's image processor is torchvision-only",
     # its processor also builds a video processor, torchvision-only
     "glm4v_moe": "Failed to apply Glm4vProcessor",
+    # Qwen3-Omni's processor also builds a video processor (torchvision-only)
+    # and Whisper's feature extractor; vLLM drops the talker in every mode
+    "qwen3_omni_moe": "Qwen3-Omni's video processor is torchvision-only",
 }
 # families vLLM's CPU build cannot run at all, and what it says: checked here by
 # the unit matrix and the checker only (a GPU run is needed); the test below

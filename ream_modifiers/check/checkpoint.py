@@ -21,7 +21,12 @@ from ream_modifiers.check.structure import (
     check_uniform,
     check_widths,
 )
-from ream_modifiers.moe.architectures import ARCHITECTURES, MoEArchSpec, detect_spec
+from ream_modifiers.moe.architectures import (
+    ARCHITECTURES,
+    MoEArchSpec,
+    detect_spec,
+    text_config_entry,
+)
 
 __all__ = ["check_checkpoint"]
 
@@ -46,9 +51,7 @@ def check_checkpoint(path: str | Path) -> CheckReport:
         )
         return report
     config = json.loads(config_path.read_text())
-    nested = isinstance(config.get("text_config"), dict)
-    text = config["text_config"] if nested else config
-    prefix = "text_config." if nested else ""
+    text, prefix = text_config_entry(config)
     # the wrapper's model_type for a vision-language model (its row is the text's)
     report.model_type = config.get("model_type") or text.get("model_type")
     spec = _spec(text, report)

@@ -180,6 +180,8 @@ def find_blocks(
     biases: list[tuple[str, StoredTensor]] = []
     others: list[tuple[str, StoredTensor]] = []
     for disk, shape in shapes.items():
+        if not spec.in_scope(disk):  # another model's MoE (Qwen3-Omni's talker)
+            continue
         memory = spec.memory_name(disk)
         tensor = StoredTensor(disk, shape)
         # three dims, expert index first (Granite's shared MLP has the same names)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ream_modifiers.check.report import CheckReport
+from ream_modifiers.moe.architectures import text_config_entry
 
 __all__ = ["VISION_MARKERS", "check_multimodal"]
 
@@ -36,13 +37,17 @@ def check_multimodal(
     :param shapes: every stored tensor's shape, by name
     :param directory: the checkpoint directory
     """
+    model_type = config.get("model_type")
+    _, text_path = text_config_entry(config)
+    for key in text_path.split(".")[:-2]:  # the dict beside the text config
+        config = config[key]
     if not isinstance(config.get("vision_config"), dict):
         return
     if not any(marker in name for name in shapes for marker in VISION_MARKERS):
         report.add(
             "no-vision-weights",
             "config.json vision_config",
-            f"the config describes a vision tower ({config.get('model_type')}) "
+            f"the config describes a vision tower ({model_type}) "
             "but no vision tensors are stored: vLLM fails on the first one it "
             "looks for",
             "load the wrapper with ream_modifiers.moe.load_moe_model (it builds "

@@ -32,6 +32,7 @@ __all__ = [
     "get_arch_spec",
     "detect_spec",
     "text_config",
+    "text_config_entry",
 ]
 
 # what vLLM's loader reads per quantized expert of a family with
@@ -169,6 +170,13 @@ class MoEArchSpec:
     :param router_quantizable_in_vllm: whether vLLM builds the router as a
         linear layer that a quantization config can target (Qwen3-MoE's gate,
         Hunyuan's ``gate.wg``); elsewhere it is always unquantized
+    :param moe_scope: name prefix of the MoE blocks this row describes, where
+        the checkpoint holds other MoE blocks that are left as they are
+        (Qwen3-Omni's ``thinker.``: its talker has its own MoE, with its own
+        routing and expert count, which vLLM does not serve); None for all
+    :param forward_module: attribute of a submodule whose ``forward`` is the
+        model's for calibration and evaluation, where the whole model has none
+        (Qwen3-Omni's ``thinker``: the whole model only generates speech)
     """
 
     model_type: str
@@ -211,6 +219,12 @@ class MoEArchSpec:
     per_expert_load: bool = False
     hub_architectures: tuple[str, ...] = ()
     reload_ignore: tuple[str, ...] = ()
+    moe_scope: str | None = None
+    forward_module: str | None = None
+
+    def in_scope(self, name: str) -> bool:
+        """Whether the module or tensor ``name`` lies in :attr:`moe_scope`."""
+        return self.moe_scope is None or name.startswith(self.moe_scope)
 
     @property
     def num_experts_key(self) -> str:
@@ -357,9 +371,34 @@ class UnsupportedFamilyError(ValueError):
         )
 
 
+# where a wrapper's config nests the language model's (the first that exists):
+# a vision-language wrapper's text_config, Qwen3-Omni's thinker's
+TEXT_CONFIG_PATHS = (("text_config",), ("thinker_config", "text_config"))
+
+
 def text_config(config: PretrainedConfig) -> PretrainedConfig:
-    """The config that carries the MoE keys (the text config of VL wrappers)."""
-    return getattr(config, "text_config", None) or config
+    """The config that carries the MoE keys (the text config of wrappers)."""
+    for path in TEXT_CONFIG_PATHS:
+        nested = config
+        for key in path:
+            nested = getattr(nested, key, None)
+        if nested is not None:
+            return nested
+    return config
+
+
+def text_config_entry(config: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """
+    The language model's part of a ``config.json`` (a wrapper's nested one, or
+    the whole) and its key path as a prefix (``thinker_config.text_config.``).
+    """
+    for path in TEXT_CONFIG_PATHS:
+        nested: Any = config
+        for key in path:
+            nested = nested.get(key) if isinstance(nested, dict) else None
+        if isinstance(nested, dict):
+            return nested, "".join(f"{key}." for key in path)
+    return config, ""
 
 
 def get_arch_spec(config: PretrainedConfig) -> MoEArchSpec:

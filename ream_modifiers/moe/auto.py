@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from transformers import (
     AutoModelForCausalLM,
-    AutoModelForImageTextToText,
+    AutoModelForMultimodalLM,
     PretrainedConfig,
 )
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES,
 )
 
 __all__ = ["auto_model_class", "is_multimodal"]
@@ -17,13 +17,13 @@ __all__ = ["auto_model_class", "is_multimodal"]
 
 def is_multimodal(config: PretrainedConfig) -> bool:
     """
-    Whether ``config`` is a vision-language wrapper (Qwen3-VL-MoE, GLM-4.5V,
-    Qwen3.5-MoE with its ``vision_config``): its model is built with the vision
-    tower, which is kept as it is. transformers also maps some wrappers
-    (Qwen3.5-MoE, Llama-4) to a text-only causal LM, which would drop the
-    tower from the saved checkpoint.
+    Whether ``config`` is a multimodal wrapper (Qwen3-VL-MoE, GLM-4.5V,
+    Qwen3.5-MoE with its ``vision_config``, Qwen3-Omni): its model is built
+    with the vision (and audio) towers, which are kept as they are.
+    transformers also maps some wrappers (Qwen3.5-MoE, Llama-4) to a text-only
+    causal LM, which would drop the tower from the saved checkpoint.
     """
-    wrapper = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(config.model_type)
+    wrapper = MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES.get(config.model_type)
     text_model = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
     if wrapper is None:
         return False
@@ -32,8 +32,6 @@ def is_multimodal(config: PretrainedConfig) -> bool:
 
 def auto_model_class(
     config: PretrainedConfig,
-) -> type[AutoModelForCausalLM] | type[AutoModelForImageTextToText]:
+) -> type[AutoModelForCausalLM] | type[AutoModelForMultimodalLM]:
     """The auto class whose ``from_pretrained``/``from_config`` builds ``config``."""
-    return (
-        AutoModelForImageTextToText if is_multimodal(config) else AutoModelForCausalLM
-    )
+    return AutoModelForMultimodalLM if is_multimodal(config) else AutoModelForCausalLM

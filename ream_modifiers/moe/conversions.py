@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "fused_save_conversions",
+    "fused_save_conversions_outside_scope",
     "hub_save_conversions",
     "per_expert_load_conversions",
     "per_expert_checkpoints",
@@ -152,6 +153,43 @@ def fused_save_conversions(spec: MoEArchSpec) -> list[WeightTransform]:
                 [SplitModulelist(dim=0)],
             ),
         ]
+    return conversions
+
+
+def fused_save_conversions_outside_scope(
+    prefixes: list[str], block: str = "mlp", experts: str = "experts"
+) -> list[WeightTransform]:
+    """
+    For ``model._weight_conversions`` of a quantized model whose checkpoint holds
+    MoE blocks outside the row's ``moe_scope`` (Qwen3-Omni's talker): written in
+    the load direction (transformers' fused ``gate_up_proj [E, 2I, H]``, gate
+    rows first, and ``down_proj [E, H, I]`` -> per-expert), each scoped to one
+    top-level module, so that a save writes those blocks' unquantized experts
+    fused. transformers reloads the unquantized experts of a quantized
+    checkpoint only so: it rewrites every per-expert converter to read packed
+    weights.
+
+    :param prefixes: top-level module names holding those blocks (``talker``)
+    """
+    each = f"{block}.{experts}.*"
+    conversions: list[WeightTransform] = []
+    for prefix in prefixes:
+        scoped = [
+            WeightConverter(
+                f"{block}.{experts}.gate_up_proj$",
+                [f"{each}.gate_proj.weight", f"{each}.up_proj.weight"],
+                [Chunk(dim=1), SplitModulelist(dim=0)],
+            ),
+            WeightConverter(
+                f"{block}.{experts}.down_proj$",
+                f"{each}.down_proj.weight",
+                [SplitModulelist(dim=0)],
+            ),
+        ]
+        for transform in scoped:
+            transform.scope_prefix = prefix
+            transform.base_model_prefix = ""
+        conversions += scoped
     return conversions
 
 

@@ -18,6 +18,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ream_modifiers.moe.architectures import MoEArchSpec, get_arch_spec
+from ream_modifiers.moe.forward_module import adapt_forward_module
 from ream_modifiers.moe.routing import RoutingSpec
 from ream_modifiers.moe.weights import ExpertWeights
 
@@ -324,6 +325,7 @@ def find_moe_layers(
         from ream_modifiers.moe.input_weighted import adapt_input_weighted_blocks
 
         adapt_input_weighted_blocks(model)
+    adapt_forward_module(model)
     patterns = [re.compile(p.removeprefix("re:")) for p in ignore]
     layers = []
     for name, module in model.named_modules():
@@ -339,7 +341,7 @@ def find_moe_layers(
                 f"{spec.model_type!r} router layout is not supported. Add a row to "
                 "ream_modifiers/moe/architectures.yaml naming its router."
             )
-        if any(p.search(name) for p in patterns):
+        if not spec.in_scope(name) or any(p.search(name) for p in patterns):
             continue
         _check_expert_weights_uncompressed(name, experts)
         layers.append(MoELayer(name, module, spec, routing))

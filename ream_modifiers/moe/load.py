@@ -38,10 +38,12 @@ from ream_modifiers.moe.architectures import LOADED_AS, get_arch_spec, text_conf
 from ream_modifiers.moe.auto import auto_model_class
 from ream_modifiers.moe.conversions import (
     fused_save_conversions,
+    fused_save_conversions_outside_scope,
     hub_save_conversions,
     per_expert_checkpoints,
     register_loaded_as_mappings,
 )
+from ream_modifiers.moe.forward_module import adapt_forward_module
 from ream_modifiers.moe.input_weighted import (
     adapt_input_weighted_blocks,
     register_input_weighted_experts,
@@ -74,6 +76,23 @@ def ensure_hub_save_names(model: PreTrainedModel) -> None:
         model._weight_conversions = hub_save_conversions(
             model.config.model_type, spec, linearized=True
         )
+    elif spec.moe_scope is not None and _experts_quantized(model):
+        # Qwen3-Omni's talker: its unquantized experts must be stored fused
+        # for transformers to reload the quantized checkpoint
+        model._weight_conversions = fused_save_conversions_outside_scope(
+            _outside_scope(model, spec)
+        )
+
+
+def _outside_scope(model: PreTrainedModel, spec) -> list[str]:
+    """Top-level modules holding linearized experts outside the row's scope."""
+    return sorted(
+        {
+            name.split(".")[0]
+            for name, module in model.named_modules()
+            if isinstance(module, LinearExperts2D) and not spec.in_scope(name)
+        }
+    )
 
 
 def _experts_quantized(model: PreTrainedModel) -> bool:
@@ -331,6 +350,7 @@ def _linearized(model: PreTrainedModel) -> PreTrainedModel:
     else:
         linearize_moe(model)
     adapt_input_weighted_blocks(model)
+    adapt_forward_module(model)
     ensure_hub_save_names(model)
     return model
 

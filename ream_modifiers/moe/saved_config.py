@@ -14,24 +14,20 @@ from pathlib import Path
 
 from loguru import logger
 
-from ream_modifiers.moe.architectures import MoEArchSpec
+from ream_modifiers.moe.architectures import MoEArchSpec, text_config_entry
 
 __all__ = ["patch_saved_config", "write_row_config_keys"]
 
 
 def patch_saved_config(save_dir: str | os.PathLike, values: Mapping[str, object]):
     """
-    Rewrite keys of a saved ``config.json`` (of its ``text_config`` when the model
-    is a VL wrapper). llm-compressor's save re-reads the original config and
+    Rewrite keys of a saved ``config.json`` (of its nested language model's
+    config in a wrapper). llm-compressor's save re-reads the original config and
     reverts most changed keys; this puts them back.
     """
     path = Path(save_dir) / "config.json"
     config = json.loads(path.read_text())
-    target = (
-        config.get("text_config")
-        if isinstance(config.get("text_config"), dict)
-        else config
-    )
+    target, _ = text_config_entry(config)
     changed = {k: v for k, v in values.items() if target.get(k) != v}
     if not changed:
         return

@@ -132,9 +132,9 @@ def test_a_refused_wrapper_is_refused_although_its_language_model_is_supported(
 ):
     config = AutoConfig.for_model("qwen3_vl_moe")
     assert config.text_config.model_type in ARCHITECTURES
-    refused = UNSUPPORTED_FAMILIES["qwen3_omni_moe"]
+    refused = UNSUPPORTED_FAMILIES["ernie4_5_vl_moe"]
     monkeypatch.setitem(UNSUPPORTED_FAMILIES, "qwen3_vl_moe", refused)
-    with pytest.raises(UnsupportedFamilyError, match="Qwen3-Omni"):
+    with pytest.raises(UnsupportedFamilyError, match="ERNIE-4.5-VL"):
         get_arch_spec(config)
 
 
