@@ -37,6 +37,7 @@ def register() -> None:
 
     import ream_modifiers.modifiers  # noqa: F401  (each method folder registers)
     from ream_modifiers import causal_calibration
+    from ream_modifiers.moe.expert_sets import register_set_width_experts
     from ream_modifiers.moe.input_weighted import register_input_weighted_experts
     from ream_modifiers.registry import methods
 
@@ -46,6 +47,7 @@ def register() -> None:
             ModifierFactory.register(cls.__name__, cls)
     causal_calibration.install()
     register_input_weighted_experts()
+    register_set_width_experts()
 
 
 class _RegisterAfterLoad(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -91,10 +93,12 @@ def _register_on_first_create() -> None:
     from llmcompressor.modifiers.factory import ModifierFactory
 
     from ream_modifiers import causal_calibration
+    from ream_modifiers.moe.expert_sets import register_set_width_experts
     from ream_modifiers.moe.input_weighted import register_input_weighted_experts
 
     causal_calibration.install()  # imports nothing of ours: safe now
     register_input_weighted_experts()
+    register_set_width_experts()
     original = ModifierFactory.__dict__["create"]
 
     def create(*args: Any, **kwargs: Any):

@@ -83,14 +83,14 @@ UNSUPPORTED_CONFIGS = {
         vocab_size=512,
         ffn_config={"moe_num_experts": 8, "moe_top_k": 2, "ffn_hidden_size": 128},
     ),
-    # a refused vision-language wrapper
-    "ernie4_5_vl_moe": dict(
-        model_type="ernie4_5_vl_moe",
-        architectures=["Ernie4_5_VLMoeForConditionalGeneration"],
+    # a refused wrapper: Qwen3-Omni's thinker saved alone
+    "qwen3_omni_moe_thinker": dict(
+        model_type="qwen3_omni_moe_thinker",
+        architectures=["Qwen3OmniMoeThinkerForConditionalGeneration"],
         text_config=dict(
-            model_type="ernie4_5_vl_moe_text",
-            moe_num_experts=8,
-            moe_k=2,
+            model_type="qwen3_omni_moe_text",
+            num_experts=8,
+            num_experts_per_tok=2,
             **_SMALL,
         ),
     ),
@@ -249,10 +249,11 @@ CASES = {
         "serve MiniMax-M2",
         model="minimax",
     ),
-    "unsupported-family-ernie4_5_vl_moe": Case(
-        "(model_type 'ernie4_5_vl_moe'), which cannot be reduced: not supported yet",
-        "reduce the text-only ERNIE-4.5-MoE (ernie4_5_moe)",
-        model="ernie4_5_vl_moe",
+    "unsupported-family-qwen3_omni_moe_thinker": Case(
+        "(model_type 'qwen3_omni_moe_thinker'), which cannot be reduced: a "
+        "checkpoint of the thinker alone has no vLLM architecture",
+        "reduce the whole Qwen3-Omni checkpoint",
+        model="qwen3_omni_moe_thinker",
     ),
     "unsupported-family-dbrx": Case(
         "is DBRX (model_type 'dbrx'), which cannot be reduced",

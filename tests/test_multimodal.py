@@ -25,6 +25,7 @@ FAMILIES = (
     "kimi_k25",
     "llama4",
     "qwen3_omni_moe",
+    "ernie4_5_vl_moe",
 )
 # where each family keeps its vision tower, and its projector (merger)
 TOWERS = {
@@ -34,6 +35,7 @@ TOWERS = {
     "kimi_k25": ("vision_tower.", "mm_projector."),
     "llama4": ("vision_model.", "multi_modal_projector."),
     "qwen3_omni_moe": ("thinker.visual.", ".merger."),
+    "ernie4_5_vl_moe": ("model.vision_model.", ".attn.qkv"),
 }
 
 
@@ -105,16 +107,23 @@ def test_language_model_experts_reduced_and_quantized(compressed):
     )
     report = check_checkpoint(out)
     assert report.violations == []
-    # two MoE layers of 6 (GLM-4.5V's and Kimi-K2.5's first layer is dense)
-    assert list(report.experts_per_layer.values()) == [6, 6]
-    first = next(iter(report.experts_per_layer))
+    # two MoE layers of 6 (GLM-4.5V's and Kimi-K2.5's first layer is dense),
+    # ERNIE-4.5-VL's with two expert sets each
+    sets = max(1, len(spec.expert_sets))
+    assert list(report.experts_per_layer.values()) == [6] * 2 * sets
+    first = next(iter(report.experts_per_layer)).removesuffix(".text_moe")
     # Kimi-K2.5's hub (and vLLM) names put the language model first
     assert first.startswith(
-        ("model.language_model.layers.", "language_model.model.", "thinker.model.")
+        (
+            "model.language_model.layers.",
+            "language_model.model.",
+            "thinker.model.",
+            "model.layers.",
+        )
     )
     names = _tensors(out)
     assert f"{first}.experts.5.down_proj.weight_packed" in names
-    assert f"{first}.experts.6.down_proj.weight_packed" not in names
+    assert f"{first}.experts.{6 * sets}.down_proj.weight_packed" not in names
 
 
 def test_images_that_do_not_fit_a_row_leave_calibration_text_only(compressed):

@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from ream_modifiers.data import build_calibration_dataset
 from ream_modifiers.moe import load_moe_model
+from ream_modifiers.moe.architectures import get_arch_spec, text_config
 from ream_modifiers.moe.auto import auto_model_class
 from ream_modifiers.moe.conversions import per_expert_checkpoints
 from ream_modifiers.moe.forward_module import adapt_forward_module
@@ -145,7 +146,8 @@ def prompts_for(vocab: int, count: int = 4, length: int = 10) -> list[list[int]]
 def load_transformers(directory: Path, family: str):
     """The checkpoint as transformers loads it, in float32 (int4 dequantized)."""
     config = AutoConfig.from_pretrained(directory)
-    with per_expert_checkpoints(family):
+    count = getattr(text_config(config), get_arch_spec(config).num_experts_key)
+    with per_expert_checkpoints(family, count):
         model = auto_model_class(config).from_pretrained(
             directory, dtype=dtype_of(family)
         )

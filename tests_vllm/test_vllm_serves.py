@@ -93,6 +93,16 @@ LANGUAGE_ONLY = {
     # Qwen3-Omni's processor also builds a video processor (torchvision-only)
     # and Whisper's feature extractor; vLLM drops the talker in every mode
     "qwen3_omni_moe": "Qwen3-Omni's video processor is torchvision-only",
+    # transformers saves ERNIE-4.5-VL's tower as model.vision_model.*, where
+    # vLLM's mapper does not look for it (it reads the hub's top-level
+    # vision_model.*): only the language model can be served from such a save
+    "ernie4_5_vl_moe": "transformers saves the tower as model.vision_model.*",
+}
+# engine arguments a family needs on vLLM's CPU build: in eager mode its CPU
+# rotary path calls ERNIE-4.5-VL's 3D rotary embedding with an argument that
+# embedding's forward_native does not take (TypeError); the native op runs
+VLLM_OPTIONS: dict[str, dict] = {
+    "ernie4_5_vl_moe": {"compilation_config": {"custom_ops": ["-rotary_embedding"]}},
 }
 # families vLLM's CPU build cannot run at all, and what it says: checked here by
 # the unit matrix and the checker only (a GPU run is needed); the test below
@@ -235,6 +245,7 @@ class Batch:
             if cell.method in SPECULATIVE
             else None,
             "language_model_only": cell.family in LANGUAGE_ONLY,
+            "options": VLLM_OPTIONS.get(cell.family),
         }
 
     @staticmethod

@@ -64,6 +64,7 @@ def generate(
     dtype: str,
     speculative: dict | None = None,
     language_model_only: bool = False,
+    options: dict | None = None,
 ) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -74,6 +75,7 @@ def generate(
     if language_model_only:
         # the towers are not built (nor read), nor the multimodal processor
         extra["language_model_only"] = True
+    extra.update(options or {})  # a family's own engine arguments
     llm = LLM(
         model=model,
         dtype=dtype,
@@ -135,6 +137,7 @@ def main(source: str) -> None:
                 job.get("dtype", "float32"),
                 job.get("speculative"),
                 job.get("language_model_only", False),
+                job.get("options"),
             )
             result["ok"] = True
         except Exception as error:  # noqa: BLE001 - reported per checkpoint

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ream_modifiers.check.layout import find_blocks, read_shapes
+from ream_modifiers.check.layout import find_blocks, read_shapes, split_expert_sets
 from ream_modifiers.check.multimodal import check_multimodal
 from ream_modifiers.check.quantization import check_quantization
 from ream_modifiers.check.report import CheckReport
@@ -60,6 +60,7 @@ def check_checkpoint(path: str | Path) -> CheckReport:
     shapes = read_shapes(directory, report)
     check_multimodal(report, config, shapes, directory)
     blocks, fused = find_blocks(shapes, spec)
+    blocks = split_expert_sets(blocks, spec)
     if fused:
         _report_fused(report, fused, spec)
     if not any(block.experts or block.fused for block in blocks.values()):

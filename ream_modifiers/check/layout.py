@@ -22,6 +22,7 @@ __all__ = [
     "MoEBlock",
     "StoredTensor",
     "find_blocks",
+    "split_expert_sets",
     "read_shapes",
 ]
 
@@ -63,6 +64,7 @@ class MoEBlock:
     bias: StoredTensor | None = None  # the score-correction bias
     block_params: dict[str, StoredTensor] = field(default_factory=dict)
     gate_module: str | None = None  # stored name of the shared-expert gate
+    expert_set: str | None = None  # one set of a layer's list (ERNIE-4.5-VL)
 
     @property
     def count(self) -> int:
@@ -249,3 +251,41 @@ def _attach_block_tensors(
 
 def natural_key(name: str) -> list:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def split_expert_sets(
+    blocks: dict[str, MoEBlock], spec: MoEArchSpec
+) -> dict[str, MoEBlock]:
+    """
+    For a family whose layers hold several expert sets in one stored list
+    (ERNIE-4.5-VL: ``mlp.experts.{0..2E-1}``, text first, gates ``gate.weight``
+    and ``gate.weight_1`` stored ``[H, E]``, the selection bias ``[2, E]``):
+    each layer as one block per set, named after the set, with the set's
+    experts renumbered from 0, its gate as ``[E, H]`` and its bias row, so that
+    every rule checks a set as it checks an ordinary layer. A list that does not
+    divide into the sets is left whole (the rules then report it).
+    """
+    sets = spec.expert_sets
+    if not sets:
+        return blocks
+    split: dict[str, MoEBlock] = {}
+    for name, block in blocks.items():
+        count, rest = divmod(block.count, len(sets))
+        if rest or not block.experts:
+            split[name] = block
+            continue
+        for offset, set_name in enumerate(sets):
+            part = MoEBlock(f"{block.name}.{set_name}", expert_set=set_name)
+            for index in range(count):
+                if (offset * count + index) in block.experts:
+                    part.experts[index] = block.experts[offset * count + index]
+            gate = block.router.get("weight" if offset == 0 else f"weight_{offset}")
+            if gate is not None:
+                part.router["weight"] = StoredTensor(gate.disk, gate.shape[::-1])
+            if block.bias is not None and block.bias.shape[:1] == (len(sets),):
+                part.bias = StoredTensor(block.bias.disk, (1, *block.bias.shape[1:]))
+            if offset == 0:
+                part.block_params = block.block_params
+                part.gate_module = block.gate_module
+            split[f"{name}.{set_name}"] = part
+    return split

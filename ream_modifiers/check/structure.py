@@ -50,10 +50,12 @@ def check_shapes(report: CheckReport, blocks: dict[str, MoEBlock]) -> None:
     """
     tensors: dict[str, list[tuple[StoredTensor, tuple[int, ...]]]] = defaultdict(list)
     for block in blocks.values():
+        # expert sets (ERNIE-4.5-VL's text and vision) have widths of their own
+        kind = f"{block.expert_set}: " if block.expert_set else ""
         for projections in block.experts.values():
             for proj, params in projections.items():
                 for param, tensor in params.items():
-                    tensors[f"{proj}.{param}"].append((tensor, tensor.shape))
+                    tensors[f"{kind}{proj}.{param}"].append((tensor, tensor.shape))
         for name, tensor in block.fused.items():
             tensors[name].append((tensor, tensor.shape[1:]))
     for label, found in tensors.items():

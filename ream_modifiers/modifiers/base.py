@@ -34,7 +34,7 @@ from ream_modifiers.distributed import (
     is_distributed,
     is_source_process,
 )
-from ream_modifiers.engines.selection import ExpertBudget, plan_budget
+from ream_modifiers.engines.selection import ExpertBudget, plan_budget, select_kept
 from ream_modifiers.modifiers.sequential import check_sequential_targets
 from ream_modifiers.moe.edit import expert_count_values, keep_experts, sync_config
 from ream_modifiers.moe.layer import MoELayer, find_moe_layers
@@ -47,6 +47,10 @@ from ream_modifiers.registry import Kind
 from ream_modifiers.saving import install_save_hook, record_for_save
 
 __all__ = ["ExpertReductionModifier", "LayerDecision"]
+
+
+# how a layer that no calibration token reached is reduced (report "rule")
+WEIGHT_ONLY_RULE = "aimer (no calibration token reached this expert set)"
 
 
 @dataclass
@@ -326,20 +330,32 @@ class ExpertReductionModifier(Modifier):
     def _reduce_layer(self, layer: MoELayer) -> None:
         start = time.perf_counter()
         collector, stats = self._collectors.get(layer.name, (None, None))
+        unobserved = False
         if collector is not None:
             if self._group is not None:
                 collector.reduce_to_source(self._group)
             elif collector.batches_seen == 0:
-                raise RuntimeError(
-                    f"{self.method}: {layer.name} received no calibration batch"
-                )
-        decision = self.decide(layer, stats) if is_source_process() else None
+                if not layer.spec.expert_sets:
+                    raise RuntimeError(
+                        f"{self.method}: {layer.name} received no calibration batch"
+                    )
+                unobserved = True
+        if not is_source_process():
+            decision = None
+        elif unobserved:
+            decision = self._weight_only_decision(layer)
+        else:
+            decision = self.decide(layer, stats)
         if self._group is not None:
             # every rank applies the source's decision, so all edit identically
             decision = broadcast_from_source(decision, self._group)
         decided = time.perf_counter()
         before = layer.num_experts
-        self.apply(layer, decision)
+        if decision.extra.get("rule") == WEIGHT_ONLY_RULE:
+            self._sync_ranks()
+            keep_experts(layer, decision.kept)
+        else:
+            self.apply(layer, decision)
         # no rank runs the layer again until every rank's writes landed
         self._sync_ranks()
         applied = time.perf_counter()
@@ -368,6 +384,27 @@ class ExpertReductionModifier(Modifier):
         logger.info(
             f"{self.method} {layer.name}: kept {len(decision.kept)}/{before}, "
             f"removed {removed} ({seconds:.2f}s)"
+        )
+
+    def _weight_only_decision(self, layer: MoELayer) -> LayerDecision:
+        """
+        The documented rule for an expert set that no calibration token can
+        reach (ERNIE-4.5-VL's vision experts under text-only calibration):
+        prune by AIMER's weight-only score, highest removed, as for MTP layers.
+        """
+        from ream_modifiers.modifiers.aimer.score import aimer_score_experts
+
+        scores = aimer_score_experts(
+            layer.iter_expert_weights(i) for i in range(layer.num_experts)
+        )
+        kept = select_kept(scores, self._budget, remove="highest")
+        logger.warning(
+            f"{self.method}: no calibration token reached {layer.name} (an "
+            "expert set that text rows do not use); pruned by the weight-only "
+            "AIMER score instead"
+        )
+        return LayerDecision(
+            kept=kept, scores=scores.cpu().tolist(), extra={"rule": WEIGHT_ONLY_RULE}
         )
 
     def _sync_ranks(self) -> None:

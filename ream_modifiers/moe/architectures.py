@@ -174,6 +174,12 @@ class MoEArchSpec:
         the checkpoint holds other MoE blocks that are left as they are
         (Qwen3-Omni's ``thinker.``: its talker has its own MoE, with its own
         routing and expert count, which vLLM does not serve); None for all
+    :param expert_sets: attributes, under each MoE layer's block, of sparse
+        blocks that are expert sets sharing one count (ERNIE-4.5-VL's
+        ``text_moe`` and ``vision_moe``, of different widths); every set is an
+        MoE layer here, reduced to the same count, and a set that no
+        calibration token reaches is pruned by AIMER's weight-only score
+        (:mod:`ream_modifiers.moe.expert_sets`); empty elsewhere
     :param forward_module: attribute of a submodule whose ``forward`` is the
         model's for calibration and evaluation, where the whole model has none
         (Qwen3-Omni's ``thinker``: the whole model only generates speech)
@@ -220,6 +226,7 @@ class MoEArchSpec:
     hub_architectures: tuple[str, ...] = ()
     reload_ignore: tuple[str, ...] = ()
     moe_scope: str | None = None
+    expert_sets: tuple[str, ...] = ()
     forward_module: str | None = None
 
     def in_scope(self, name: str) -> bool:

@@ -231,7 +231,9 @@ def hub_save_conversions(
 
 
 @contextlib.contextmanager
-def per_expert_checkpoints(model_type: str = "gpt_oss") -> Iterator[None]:
+def per_expert_checkpoints(
+    model_type: str = "gpt_oss", num_experts: int | None = None
+) -> Iterator[None]:
     """
     Within the block, transformers loads ``model_type`` checkpoints whose experts
     are stored per expert into the fused experts class: for families with
@@ -244,19 +246,30 @@ def per_expert_checkpoints(model_type: str = "gpt_oss") -> Iterator[None]:
     make transformers save fused gpt-oss models per expert.
 
     :param model_type: the family (only those whose hub layout is fused, gpt-oss,
-        and those with ``per_expert_load``, Granite-MoE and Qwen3-VL-MoE, need
-        this)
+        those with ``per_expert_load``, Granite-MoE and Qwen3-VL-MoE, and those
+        with ``expert_sets`` need this)
+    :param num_experts: the checkpoint's count per expert set (ERNIE-4.5-VL):
+        transformers stacks a layer's whole list before splitting it into the
+        sets, which fails for quantized experts of two widths, so each set gets
+        its own converter (``text_config`` count; not needed for other families)
     """
     from ream_modifiers.moe.architectures import ARCHITECTURES
     from ream_modifiers.moe.packed_names import packed_names_load_conversions
 
     spec = ARCHITECTURES.get(model_type)
-    if spec is None or not (spec.fused_on_disk or spec.per_expert_load):
+    sets = spec is not None and bool(spec.expert_sets) and num_experts is not None
+    if spec is None or not (spec.fused_on_disk or spec.per_expert_load or sets):
         yield
         return
 
     previous = get_checkpoint_conversion_mapping(model_type)
-    if spec.fused_on_disk:
+    if sets:
+        conversions = [
+            transform
+            for transform in previous or []
+            if not any(".experts." in target for target in transform.target_patterns)
+        ] + _expert_set_converters(spec, num_experts)
+    elif spec.fused_on_disk:
         conversions = per_expert_load_conversions(spec) + packed_names_load_conversions(
             spec
         )
@@ -290,19 +303,42 @@ def register_loaded_as_mappings() -> None:
         register_checkpoint_conversion_mapping(model_type, mapping)
 
 
+def _expert_set_converters(
+    spec: MoEArchSpec, num_experts: int
+) -> list[WeightTransform]:
+    """One layer's hub list ``<block>.experts.{0..S*E-1}`` -> each set's fused
+    experts in transformers' layout, set ``k`` from indices ``k*E .. k*E+E-1``."""
+    block = spec.hub_block_attr or "mlp"
+    converters: list[WeightTransform] = []
+    for offset, name in enumerate(spec.expert_sets):
+        indices = "|".join(
+            str(i) for i in range(offset * num_experts, (offset + 1) * num_experts)
+        )
+        converters += _stacking_converters(
+            rf"{block}\.{spec.experts_attr}\.(?:{indices})",
+            f"{block}.{name}.{spec.experts_attr}",
+        )
+    return converters
+
+
 def _per_expert_converters(block: str, experts: str) -> list[WeightTransform]:
     """Per-expert ``nn.Linear`` tensors -> fused ``gate_up_proj`` [E, 2I, H] (gate
     rows first) and ``down_proj`` [E, H, I], transformers' default layout."""
-    each = f"{block}.{experts}.*"
+    return _stacking_converters(f"{block}.{experts}.*", f"{block}.{experts}")
+
+
+def _stacking_converters(each: str, fused: str) -> list[WeightTransform]:
+    """The experts matched by ``each`` (a pattern up to the expert index)
+    stacked into ``<fused>.gate_up_proj`` and ``<fused>.down_proj``."""
     return [
         WeightConverter(
             [f"{each}.gate_proj.weight", f"{each}.up_proj.weight"],
-            f"{block}.{experts}.gate_up_proj",
+            f"{fused}.gate_up_proj",
             [MergeModulelist(dim=0), Concatenate(dim=1)],
         ),
         WeightConverter(
             f"{each}.down_proj.weight",
-            f"{block}.{experts}.down_proj",
+            f"{fused}.down_proj",
             [MergeModulelist(dim=0)],
         ),
     ]

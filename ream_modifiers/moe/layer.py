@@ -37,15 +37,23 @@ class MoELayer:
     :param block: the MoE block module (e.g. ``Qwen3MoeSparseMoeBlock``)
     :param spec: the family's architecture facts
     :param routing: routing rules resolved against the model config
+    :param owner: the module holding this block as one of its expert sets
+        (ERNIE-4.5-VL's decoder MLP, which caches the count too); None elsewhere
     """
 
     def __init__(
-        self, name: str, block: nn.Module, spec: MoEArchSpec, routing: RoutingSpec
+        self,
+        name: str,
+        block: nn.Module,
+        spec: MoEArchSpec,
+        routing: RoutingSpec,
+        owner: nn.Module | None = None,
     ):
         self.name = name
         self.block = block
         self.spec = spec
         self.routing = routing
+        self.owner = owner
 
     # -- structure -----------------------------------------------------------
 
@@ -139,6 +147,8 @@ class MoELayer:
     def count_holders(self) -> list[nn.Module]:
         """Modules that may cache the expert count: block, router path, experts."""
         holders = [self.block, self.experts]
+        if self.owner is not None:
+            holders.append(self.owner)
         module = self.block
         for part in self.spec.router_attr.split("."):
             module = getattr(module, part)
@@ -344,7 +354,10 @@ def find_moe_layers(
         if not spec.in_scope(name) or any(p.search(name) for p in patterns):
             continue
         _check_expert_weights_uncompressed(name, experts)
-        layers.append(MoELayer(name, module, spec, routing))
+        owner = None
+        if spec.expert_sets and name.rsplit(".", 1)[-1] in spec.expert_sets:
+            owner = model.get_submodule(name.rsplit(".", 1)[0])
+        layers.append(MoELayer(name, module, spec, routing, owner))
     if not layers:
         raise MoEModelError(
             f"No MoE layers found in {type(model).__name__} "

@@ -34,7 +34,13 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.monkey_patching import clear_patch_mapping
 
-from ream_modifiers.moe.architectures import LOADED_AS, get_arch_spec, text_config
+from ream_modifiers.moe.architectures import (
+    ARCHITECTURES,
+    LOADED_AS,
+    get_arch_spec,
+    text_config,
+    text_config_entry,
+)
 from ream_modifiers.moe.auto import auto_model_class
 from ream_modifiers.moe.conversions import (
     fused_save_conversions,
@@ -42,6 +48,10 @@ from ream_modifiers.moe.conversions import (
     hub_save_conversions,
     per_expert_checkpoints,
     register_loaded_as_mappings,
+)
+from ream_modifiers.moe.expert_sets import (
+    expert_set_save_conversions,
+    register_set_width_experts,
 )
 from ream_modifiers.moe.forward_module import adapt_forward_module
 from ream_modifiers.moe.input_weighted import (
@@ -76,6 +86,9 @@ def ensure_hub_save_names(model: PreTrainedModel) -> None:
         model._weight_conversions = hub_save_conversions(
             model.config.model_type, spec, linearized=True
         )
+    elif spec.expert_sets:
+        # ERNIE-4.5-VL: both sets back into the hub's one list per layer
+        model._weight_conversions = expert_set_save_conversions(model, spec)
     elif spec.moe_scope is not None and _experts_quantized(model):
         # Qwen3-Omni's talker: its unquantized experts must be stored fused
         # for transformers to reload the quantized checkpoint
@@ -160,6 +173,7 @@ def load_moe_model(
     kwargs.update(offload_load_kwargs(offload, offload_folder, kwargs))
     register_loaded_as_mappings()
     register_input_weighted_experts()
+    register_set_width_experts()
     config = _checkpoint_config(model_id, kwargs)
     if config is not None:
         # llm-compressor's load_context resolves configs through AutoConfig,
@@ -210,7 +224,10 @@ def _load_with_linear_experts(
     """
     with contextlib.ExitStack() as stack:
         # gpt-oss saved per expert (quantized by llm-compressor) loads too
-        stack.enter_context(per_expert_checkpoints(_model_type(model_id)))
+        model_type = _model_type(model_id)
+        stack.enter_context(
+            per_expert_checkpoints(model_type, _stored_count(model_id, model_type))
+        )
         direct = stack.enter_context(_linear_experts_at_construction(model_id, kwargs))
         if offloaded:
             from compressed_tensors.offload import load_offloaded_model
@@ -319,6 +336,18 @@ def _model_type(model_id) -> str | None:
     except OSError:
         return None
     return config_dict.get("model_type")
+
+
+def _stored_count(model_id, model_type: str | None) -> int | None:
+    """The routed expert count in a checkpoint's config.json (its text config's),
+    which per-set converters need (ERNIE-4.5-VL); None where unknown."""
+    spec = ARCHITECTURES.get(model_type or "")
+    if spec is None or not spec.expert_sets:
+        return None
+    config_dict, _ = PretrainedConfig.get_config_dict(model_id)
+    text, _ = text_config_entry(config_dict)
+    count = text.get(spec.num_experts_key)
+    return count if isinstance(count, int) else None
 
 
 def _checkpoint_config(model_id, kwargs: dict):

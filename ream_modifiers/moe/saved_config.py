@@ -11,12 +11,13 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from loguru import logger
 
 from ream_modifiers.moe.architectures import MoEArchSpec, text_config_entry
 
-__all__ = ["patch_saved_config", "write_row_config_keys"]
+__all__ = ["expert_set_counts", "patch_saved_config", "write_row_config_keys"]
 
 
 def patch_saved_config(save_dir: str | os.PathLike, values: Mapping[str, object]):
@@ -40,8 +41,8 @@ def write_row_config_keys(save_dir: str | os.PathLike, spec: MoEArchSpec) -> Non
     """
     Write what the family's row says a saved ``config.json`` must hold beyond
     transformers' save: the hub ``architectures`` (transformers writes its own
-    class name, which vLLM may not know), and ``reload_ignore`` entries in a
-    quantized checkpoint's ignore list.
+    class name, which vLLM may not know), per-set expert counts (ERNIE-4.5-VL),
+    and ``reload_ignore`` entries in a quantized checkpoint's ignore list.
     """
     path = Path(save_dir) / "config.json"
     config = json.loads(path.read_text())
@@ -51,6 +52,9 @@ def write_row_config_keys(save_dir: str | os.PathLike, spec: MoEArchSpec) -> Non
     ):
         config["architectures"] = list(spec.hub_architectures)
         changed = True
+    if counts := expert_set_counts(spec, config):
+        config.update(counts)  # ERNIE-4.5-VL's top-level per-set counts
+        changed = True
     ignore = config.get("quantization_config", {}).get("ignore")
     missing = [entry for entry in spec.reload_ignore if entry not in (ignore or [])]
     if ignore is not None and missing:
@@ -58,6 +62,25 @@ def write_row_config_keys(save_dir: str | os.PathLike, spec: MoEArchSpec) -> Non
         changed = True
     if changed:
         _replace_json(path, config)
+
+
+def expert_set_counts(spec: MoEArchSpec, config: dict[str, Any]) -> dict[str, Any]:
+    """
+    The top-level per-set count keys of a saved ``config.json`` (ERNIE-4.5-VL's
+    ``moe_num_experts: [text, vision]``, which vLLM reads) set to the text
+    config's count; empty where there is nothing to change.
+    """
+    text, prefix = text_config_entry(config)
+    if not spec.expert_sets or not prefix:
+        return {}
+    changed = {}
+    for key in spec.num_experts_keys:
+        value = config.get(key)
+        if isinstance(value, list) and key in text:
+            counts = [text[key]] * len(value)
+            if value != counts:
+                changed[key] = counts
+    return changed
 
 
 def _replace_json(path: Path, content: dict) -> None:

@@ -26,6 +26,7 @@ from ream_modifiers.moe import MoEModelError, find_moe_layers
 from ream_modifiers.moe.architectures import (
     ARCHITECTURES,
     MoEArchSpec,
+    text_config,
     text_config_entry,
 )
 from ream_modifiers.moe.auto import auto_model_class
@@ -76,6 +77,7 @@ FAMILIES = [
     "llama4_text",
     "llama4",
     "qwen3_omni_moe",
+    "ernie4_5_vl_moe",
 ]
 # every registered method at 25%, with its quick settings for tiny models
 MODIFIERS = {
@@ -132,9 +134,15 @@ def _hub_block(spec: MoEArchSpec) -> str:
     return spec.hub_block_attr or "mlp"
 
 
+def _sets(spec: MoEArchSpec) -> int:
+    """Expert sets per layer, stored as one list (ERNIE-4.5-VL: text, vision)."""
+    return max(1, len(spec.expert_sets))
+
+
 def _check_expert_tensors(spec, layers, shapes, quantized):
     """Every kept expert under its hub name, nothing beyond the new count."""
     block = _hub_block(spec)
+    stored = KEPT * _sets(spec)
     for layer in layers:
         prefix = f"{layer}.{block}.experts"
         if spec.fused_on_disk and not quantized:
@@ -145,7 +153,7 @@ def _check_expert_tensors(spec, layers, shapes, quantized):
             assert not any(k.startswith(f"{prefix}.0.") for k in shapes)
             continue
         suffix = "weight_packed" if quantized else "weight"
-        for e in range(KEPT):
+        for e in range(stored):
             if spec.packed_expert_names and quantized:
                 # gpt-oss: the fused per-expert names vLLM reads, with biases
                 for packed in spec.packed_expert_names:
@@ -155,7 +163,7 @@ def _check_expert_tensors(spec, layers, shapes, quantized):
                 continue
             for proj in spec.hub_projections:
                 assert f"{prefix}.{e}.{proj}.{suffix}" in shapes, (e, proj)
-        assert not any(k.startswith(f"{prefix}.{KEPT}.") for k in shapes)
+        assert not any(k.startswith(f"{prefix}.{stored}.") for k in shapes)
 
 
 def _check_routers(spec, layers, shapes, quant):
@@ -166,6 +174,15 @@ def _check_routers(spec, layers, shapes, quant):
     for layer in layers:
         named = spec.memory_name(f"{layer}.{block}.{spec.router_attr}.weight")
         router = on_disk[named].removesuffix(".weight")
+        if spec.expert_sets:
+            # one gate per set, stored [H, E]: weight, weight_1, ...
+            for offset, name in enumerate(spec.expert_sets):
+                suffix = f"_{offset}" if offset else ""
+                assert shapes[f"{router}.weight{suffix}"][1] == KEPT
+                assert (
+                    quant is None or f"{layer}.{block}.{name}.gate" in quant["ignore"]
+                )
+            continue
         assert shapes[f"{router}.weight"][0] == KEPT
         assert not any(k.startswith(f"{router}.weight_") for k in shapes)
         gate = spec.shared_expert_gate_attr
@@ -202,7 +219,8 @@ def _check_config(spec, config):
 
 def _reload(path: Path, family: str):
     config = AutoConfig.from_pretrained(path)
-    with per_expert_checkpoints(family):
+    count = getattr(text_config(config), ARCHITECTURES[family].num_experts_key)
+    with per_expert_checkpoints(family, count):
         model, info = auto_model_class(config).from_pretrained(
             path, output_loading_info=True
         )
@@ -261,10 +279,11 @@ def test_matrix_cell(load_tiny, calibration, tmp_path, family, method, quantized
     assert not any("lm_head.weight_" in name for name in shapes)
     _check_config(spec, config)
     report = json.loads((out / REPORT_FILENAME).read_text())[0]
-    assert [len(e["kept"]) for e in report["layers"].values()] == [KEPT, KEPT]
+    moe_layers = 2 * _sets(spec)  # each set is an MoE layer
+    assert [len(e["kept"]) for e in report["layers"].values()] == [KEPT] * moe_layers
     check = check_checkpoint(out)
     assert check.violations == [], check.summary()
-    assert sorted(check.experts_per_layer.values()) == [KEPT, KEPT]
+    assert sorted(check.experts_per_layer.values()) == [KEPT] * moe_layers
     assert check.quantization_format == (quant["format"] if quant else None)
 
 
