@@ -333,13 +333,14 @@ class ExpertReductionModifier(Modifier):
         unobserved = False
         if collector is not None:
             if self._group is not None:
-                collector.reduce_to_source(self._group)
-            elif collector.batches_seen == 0:
-                if not layer.spec.expert_sets:
-                    raise RuntimeError(
-                        f"{self.method}: {layer.name} received no calibration batch"
-                    )
-                unobserved = True
+                collector.reduce_to_source(self._group)  # totals on the source
+            if layer.spec.expert_sets:
+                # an expert set the rows never use (ERNIE-4.5-VL's vision set)
+                unobserved = is_source_process() and collector.tokens_seen == 0
+            elif self._group is None and collector.batches_seen == 0:
+                raise RuntimeError(
+                    f"{self.method}: {layer.name} received no calibration batch"
+                )
         if not is_source_process():
             decision = None
         elif unobserved:

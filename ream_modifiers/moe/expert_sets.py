@@ -87,12 +87,12 @@ def expert_set_save_conversions(
     family (gates, bias, the language model's and the towers' renames).
     """
     count = getattr(text_config(model.config), spec.num_experts_key)
-    block = spec.hub_block_attr or "mlp"
+    block, experts = spec.hub_block_attr or "mlp", spec.experts_attr
     first, *others = spec.expert_sets
     renames = [
         WeightRenaming(
-            rf"\.{block}\.experts\.{offset * count + index}\.",
-            f".{block}.{name}.experts.{index}.",
+            rf"\.{block}\.{experts}\.{offset * count + index}\.",
+            f".{block}.{name}.{experts}.{index}.",
         )
         for offset, name in enumerate(others, start=1)
         for index in range(count)
@@ -100,7 +100,7 @@ def expert_set_save_conversions(
     # the first set keeps its indices
     renames.append(
         WeightRenaming(
-            rf"\.{block}\.experts\.(\d+)\.", rf".{block}.{first}.experts.\1."
+            rf"\.{block}\.{experts}\.(\d+)\.", rf".{block}.{first}.{experts}.\1."
         )
     )
     own = get_checkpoint_conversion_mapping(model.config.model_type) or []
