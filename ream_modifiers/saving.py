@@ -28,6 +28,7 @@ from ream_modifiers.moe.saved_config import (
     patch_saved_config,
     write_row_config_keys,
 )
+from ream_modifiers.moe.saved_names import rename_saved_tensors
 from ream_modifiers.processor_files import copy_processor_files
 
 __all__ = ["REPORT_FILENAME", "record_for_save", "install_save_hook"]
@@ -99,6 +100,7 @@ def finish_saved_checkpoint(model: PreTrainedModel, save_directory) -> None:
     write_row_config_keys(save_directory, spec)
     if spec.packed_expert_names:
         write_packed_names(save_directory, spec)
+    rename_saved_tensors(save_directory, spec)
     source = model.name_or_path
     mtp = {}
     if source and Path(source).resolve() != Path(save_directory).resolve():

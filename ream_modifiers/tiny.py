@@ -25,6 +25,7 @@ from ream_modifiers.moe.architectures import ARCHITECTURES
 from ream_modifiers.moe.auto import auto_model_class
 from ream_modifiers.moe.conversions import hub_save_conversions
 from ream_modifiers.moe.saved_config import write_row_config_keys
+from ream_modifiers.moe.saved_names import rename_saved_tensors
 
 __all__ = ["TINY_CONFIGS", "TINY_PROCESSORS", "build_tokenizer", "build_tiny_moe"]
 
@@ -147,6 +148,7 @@ def build_tiny_moe(
     model.save_pretrained(save_dir)
     if spec is not None:
         write_row_config_keys(save_dir, spec)
+        rename_saved_tensors(save_dir, spec)  # the hub's names (ERNIE-4.5-VL)
     if mtp_layers:
         _append_mtp_layers(model_type, kwargs, save_dir, seed, dtype)
     if model_type in _TRANSPOSED_ON_HUB:

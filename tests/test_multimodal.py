@@ -35,7 +35,7 @@ TOWERS = {
     "kimi_k25": ("vision_tower.", "mm_projector."),
     "llama4": ("vision_model.", "multi_modal_projector."),
     "qwen3_omni_moe": ("thinker.visual.", ".merger."),
-    "ernie4_5_vl_moe": ("model.vision_model.", ".attn.qkv"),
+    "ernie4_5_vl_moe": ("vision_model.", ".attn.qkv"),
 }
 
 

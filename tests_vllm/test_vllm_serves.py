@@ -93,10 +93,9 @@ LANGUAGE_ONLY = {
     # Qwen3-Omni's processor also builds a video processor (torchvision-only)
     # and Whisper's feature extractor; vLLM drops the talker in every mode
     "qwen3_omni_moe": "Qwen3-Omni's video processor is torchvision-only",
-    # transformers saves ERNIE-4.5-VL's tower as model.vision_model.*, where
-    # vLLM's mapper does not look for it (it reads the hub's top-level
-    # vision_model.*): only the language model can be served from such a save
-    "ernie4_5_vl_moe": "transformers saves the tower as model.vision_model.*",
+    # vLLM cannot build ERNIE-4.5-VL's processor here either; where the
+    # tower's tensors would go is pinned by the mapper test below
+    "ernie4_5_vl_moe": "Failed to load the processor",
 }
 # engine arguments a family needs on vLLM's CPU build: in eager mode its CPU
 # rotary path calls ERNIE-4.5-VL's 3D rotary embedding with an argument that
@@ -623,3 +622,41 @@ def test_compress_check_vllm_records_it_in_the_model_card(
     )
     card = (out / "README.md").read_text()
     assert "vLLM 0.32.0 loaded it with strict weight tracking" in card
+
+
+def test_ernie_vl_tower_is_where_vllms_mapper_reads_the_tower(batch):
+    """
+    The tier serves ERNIE-4.5-VL's language model only (its processor cannot be
+    built here), so vLLM never loads the tower; its own name mapper says where
+    the reduced checkpoint's tower tensors would go: to the tower, not into the
+    language model (where transformers' own save, model.vision_model.*, sends
+    them, and nothing loads them).
+    """
+    import subprocess
+
+    cell = next(
+        c
+        for c in batch.served
+        if c.family == "ernie4_5_vl_moe" and c.method != "original"
+    )
+    directory = batch.served[cell].directory
+    script = (
+        "import json, sys\n"
+        "from safetensors import safe_open\n"
+        "from vllm.model_executor.models.ernie45_vl import "
+        "Ernie4_5_VLMoeForConditionalGeneration as M\n"
+        "with safe_open(sys.argv[1], 'pt') as h:\n"
+        "    names = list(h.keys())\n"
+        "print(json.dumps({n: M.hf_to_vllm_mapper._map_name(n) for n in names}))\n"
+    )
+    result = subprocess.run(
+        [str(harness.VLLM_PYTHON), "-c", script, str(directory / "model.safetensors")],
+        capture_output=True,
+        text=True,
+        env=harness.worker_env(),
+        check=True,
+    )
+    mapped = json.loads(result.stdout.strip().splitlines()[-1])
+    tower = {name: new for name, new in mapped.items() if "vision_model." in name}
+    assert len(tower) > 20
+    assert all(new.startswith("vision_model.") for new in tower.values()), tower

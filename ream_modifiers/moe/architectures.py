@@ -174,6 +174,11 @@ class MoEArchSpec:
         the checkpoint holds other MoE blocks that are left as they are
         (Qwen3-Omni's ``thinker.``: its talker has its own MoE, with its own
         routing and expert count, which vLLM does not serve); None for all
+    :param saved_renames: ``(regex, replacement)`` pairs applied to the stored
+        tensor names after a save (:mod:`ream_modifiers.moe.saved_names`), where
+        transformers writes a name the hub and vLLM do not use and its save
+        conversions cannot give it back (ERNIE-4.5-VL's ``model.vision_model.``
+        -> ``vision_model.``); transformers loads both
     :param expert_sets: attributes, under each MoE layer's block, of sparse
         blocks that are expert sets sharing one count (ERNIE-4.5-VL's
         ``text_moe`` and ``vision_moe``, of different widths); every set is an
@@ -227,6 +232,7 @@ class MoEArchSpec:
     reload_ignore: tuple[str, ...] = ()
     moe_scope: str | None = None
     expert_sets: tuple[str, ...] = ()
+    saved_renames: tuple[tuple[str, str], ...] = ()
     forward_module: str | None = None
 
     def in_scope(self, name: str) -> bool:

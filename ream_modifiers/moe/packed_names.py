@@ -44,6 +44,7 @@ __all__ = [
     "PACKED_PARAMS",
     "PackedNamesError",
     "packed_names_load_conversions",
+    "weight_map_of",
     "write_packed_names",
 ]
 
@@ -62,7 +63,9 @@ def _interleave_rows(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.stack((gate, up), dim=1).flatten(0, 1)
 
 
-def _weight_map(directory: Path) -> dict[str, str]:
+def weight_map_of(directory: Path) -> dict[str, str]:
+    """Every stored tensor of a checkpoint and its file name (the index's map,
+    or the shards' headers)."""
     from safetensors import safe_open
 
     index = directory / INDEX_FILENAME
@@ -126,7 +129,7 @@ def write_packed_names(directory: str | os.PathLike, spec: MoEArchSpec) -> int:
     from safetensors.torch import load_file, save_file
 
     directory = Path(directory)
-    weight_map = _weight_map(directory)
+    weight_map = weight_map_of(directory)
     plan = _plan(weight_map, spec)
     if not plan:
         return 0

@@ -112,6 +112,14 @@ def test_text_rows_reduce_the_vision_set_by_the_weight_only_rule_and_save_the_hu
         saved[f"{prefix}.moe_statics.e_score_correction_bias"],
         torch.stack([bias[0, text["kept"]], bias[1, vision["kept"]]]),
     )
+    # the tower under the hub's top-level name, which vLLM's mapper reads as
+    # the tower (transformers' own save writes model.vision_model)
+    tower = {k: v for k, v in source.items() if k.startswith("vision_model.")}
+    assert len(tower) > 20 and not any(
+        k.startswith("model.vision_model.") for k in saved
+    )
+    for name, tensor in tower.items():
+        assert torch.equal(saved[name], tensor), name
     config = json.loads((out_dir / "config.json").read_text())
     assert config["moe_num_experts"] == [6, 6]  # what vLLM reads
     assert config["text_config"]["moe_num_experts"] == 6
