@@ -109,7 +109,7 @@ def test_language_model_experts_reduced_and_quantized(compressed):
     assert report.violations == []
     # two MoE layers of 6 (GLM-4.5V's and Kimi-K2.5's first layer is dense),
     # ERNIE-4.5-VL's with two expert sets each
-    sets = max(1, len(spec.expert_sets))
+    sets = spec.sets_per_layer
     assert list(report.experts_per_layer.values()) == [6] * 2 * sets
     first = next(iter(report.experts_per_layer)).removesuffix(".text_moe")
     # Kimi-K2.5's hub (and vLLM) names put the language model first

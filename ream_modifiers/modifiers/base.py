@@ -393,11 +393,9 @@ class ExpertReductionModifier(Modifier):
         reach (ERNIE-4.5-VL's vision experts under text-only calibration):
         prune by AIMER's weight-only score, highest removed, as for MTP layers.
         """
-        from ream_modifiers.modifiers.aimer.score import aimer_score_experts
+        from ream_modifiers.modifiers.aimer.score import aimer_score_layer
 
-        scores = aimer_score_experts(
-            layer.iter_expert_weights(i) for i in range(layer.num_experts)
-        )
+        scores = aimer_score_layer(layer)
         kept = select_kept(scores, self._budget, remove="highest")
         logger.warning(
             f"{self.method}: no calibration token reached {layer.name} (an "

@@ -235,6 +235,17 @@ class MoEArchSpec:
     saved_renames: tuple[tuple[str, str], ...] = ()
     forward_module: str | None = None
 
+    @property
+    def sets_per_layer(self) -> int:
+        """Expert sets stored in one list per MoE layer (ERNIE-4.5-VL: 2)."""
+        return max(1, len(self.expert_sets))
+
+    def saved_name(self, name: str) -> str:
+        """A stored tensor's (or module's) name after :attr:`saved_renames`."""
+        for pattern, replacement in self.saved_renames:
+            name = re.sub(pattern, replacement, name)
+        return name
+
     def in_scope(self, name: str) -> bool:
         """Whether the module or tensor ``name`` lies in :attr:`moe_scope`."""
         return self.moe_scope is None or name.startswith(self.moe_scope)

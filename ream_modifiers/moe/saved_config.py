@@ -42,7 +42,8 @@ def write_row_config_keys(save_dir: str | os.PathLike, spec: MoEArchSpec) -> Non
     Write what the family's row says a saved ``config.json`` must hold beyond
     transformers' save: the hub ``architectures`` (transformers writes its own
     class name, which vLLM may not know), per-set expert counts (ERNIE-4.5-VL),
-    and ``reload_ignore`` entries in a quantized checkpoint's ignore list.
+    and in a quantized checkpoint's ignore list the module names after the
+    row's ``saved_renames`` and its ``reload_ignore`` entries.
     """
     path = Path(save_dir) / "config.json"
     config = json.loads(path.read_text())
@@ -56,10 +57,14 @@ def write_row_config_keys(save_dir: str | os.PathLike, spec: MoEArchSpec) -> Non
         config.update(counts)  # ERNIE-4.5-VL's top-level per-set counts
         changed = True
     ignore = config.get("quantization_config", {}).get("ignore")
-    missing = [entry for entry in spec.reload_ignore if entry not in (ignore or [])]
-    if ignore is not None and missing:
-        ignore.extend(missing)
-        changed = True
+    if ignore is not None:
+        # module names as the tensors are stored (ERNIE-4.5-VL's top-level
+        # tower); regex entries stay
+        stored = [e if e.startswith("re:") else spec.saved_name(e) for e in ignore]
+        stored += [entry for entry in spec.reload_ignore if entry not in stored]
+        if stored != ignore:
+            config["quantization_config"]["ignore"] = stored
+            changed = True
     if changed:
         _replace_json(path, config)
 

@@ -134,15 +134,10 @@ def _hub_block(spec: MoEArchSpec) -> str:
     return spec.hub_block_attr or "mlp"
 
 
-def _sets(spec: MoEArchSpec) -> int:
-    """Expert sets per layer, stored as one list (ERNIE-4.5-VL: text, vision)."""
-    return max(1, len(spec.expert_sets))
-
-
 def _check_expert_tensors(spec, layers, shapes, quantized):
     """Every kept expert under its hub name, nothing beyond the new count."""
     block = _hub_block(spec)
-    stored = KEPT * _sets(spec)
+    stored = KEPT * spec.sets_per_layer
     for layer in layers:
         prefix = f"{layer}.{block}.experts"
         if spec.fused_on_disk and not quantized:
@@ -279,7 +274,7 @@ def test_matrix_cell(load_tiny, calibration, tmp_path, family, method, quantized
     assert not any("lm_head.weight_" in name for name in shapes)
     _check_config(spec, config)
     report = json.loads((out / REPORT_FILENAME).read_text())[0]
-    moe_layers = 2 * _sets(spec)  # each set is an MoE layer
+    moe_layers = 2 * spec.sets_per_layer  # each set is an MoE layer
     assert [len(e["kept"]) for e in report["layers"].values()] == [KEPT] * moe_layers
     check = check_checkpoint(out)
     assert check.violations == [], check.summary()

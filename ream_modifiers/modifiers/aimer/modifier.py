@@ -12,7 +12,7 @@ from typing import ClassVar, Literal
 from loguru import logger
 
 from ream_modifiers.engines.selection import select_kept
-from ream_modifiers.modifiers.aimer.score import aimer_score_experts
+from ream_modifiers.modifiers.aimer.score import aimer_score_layer
 from ream_modifiers.modifiers.base import ExpertReductionModifier, LayerDecision
 from ream_modifiers.moe.layer import MoELayer
 
@@ -61,8 +61,7 @@ class AIMERModifier(ExpertReductionModifier):
 
     def decide(self, layer: MoELayer, stats: None) -> LayerDecision:
         start = time.perf_counter()
-        experts = range(layer.num_experts)
-        scores = aimer_score_experts(layer.iter_expert_weights(i) for i in experts)
+        scores = aimer_score_layer(layer)
         seconds = time.perf_counter() - start
         logger.info(f"AIMER {layer.name}: scored in {seconds * 1e3:.1f} ms")
         kept = select_kept(scores, self._budget, remove=self.remove)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
-__all__ = ["aimer_score", "aimer_score_experts"]
+if TYPE_CHECKING:
+    from ream_modifiers.moe.layer import MoELayer
+
+__all__ = ["aimer_score", "aimer_score_experts", "aimer_score_layer"]
 
 
 def _sums(weight: torch.Tensor, dim: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,3 +104,10 @@ def aimer_score_experts(experts: Iterable[Iterable[torch.Tensor]]) -> torch.Tens
     if len(set(counts)) != 1:
         raise ValueError(f"experts differ in size ({sorted(set(counts))} weights)")
     return _ratio(torch.stack(abs_sums), torch.stack(sq_sums), counts[0])
+
+
+def aimer_score_layer(layer: MoELayer) -> torch.Tensor:
+    """:func:`aimer_score_experts` of every routed expert of ``layer``."""
+    return aimer_score_experts(
+        layer.iter_expert_weights(i) for i in range(layer.num_experts)
+    )
