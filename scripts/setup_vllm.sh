@@ -17,4 +17,7 @@ if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
   # fails with "operator torchvision::nms does not exist" while it is installed
   "$VENV/bin/python" -m pip uninstall --yes --quiet torchvision torchaudio torchcodec || true
 fi
+# this package's vLLM plugin (per-layer expert counts), without its own
+# dependencies: vLLM pins another transformers than llm-compressor
+"$VENV/bin/python" -m pip install --quiet --no-deps -e .
 "$VENV/bin/python" -c "import vllm; print('vllm', vllm.__version__)"

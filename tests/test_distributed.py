@@ -29,6 +29,9 @@ from ream_modifiers.saving import REPORT_FILENAME
 from ream_modifiers.tiny import build_tiny_moe
 
 WORKER = Path(__file__).with_name("torchrun_worker.py")
+# one xdist worker runs this module (`make test` uses --dist loadgroup): its
+# single-process references are built once, not once per worker
+pytestmark = pytest.mark.xdist_group("torchrun")
 # every method that calibrates reduces statistics across ranks
 METHODS = [method.name for method in methods() if method.needs_data]
 
@@ -80,7 +83,9 @@ def _report(directory: Path) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
+# session scope: under xdist the group's tests need not run back to back, and a
+# module fixture would be built again after another module's test
+@pytest.fixture(scope="session")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     model = build_tiny_moe("qwen3_moe", root / "model")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from llmcompressor import oneshot
 from llmcompressor.core import reset_session
-from llmcompressor.modifiers.quantization import GPTQModifier
+from llmcompressor.modifiers.quantization import QuantizationModifier
 from transformers import AutoConfig, AutoTokenizer
 
 from ream_modifiers.data import build_calibration_dataset
@@ -98,14 +98,21 @@ def compress(
     original: Path, family: str, modifier: Callable[[], object] | None,
     quantized: bool, out: Path,
 ) -> Path:  # fmt: skip
-    """``modifier`` (if any), then GPTQ W4A16 if ``quantized``; saved to ``out``."""
+    """
+    ``modifier`` (if any), then W4A16 if ``quantized``; saved to ``out``. The
+    quantization is round-to-nearest: the packed checkpoint is the one GPTQ
+    writes (the same tensors and config), which is what vLLM is checked on
+    here, and GPTQ itself runs in every family's cell of the unit matrix. With
+    GPTQ the W4A16 cells' compression took 388 of the tier's 720 s; with
+    round-to-nearest 140 s of 494 (2026-12-05, BENCHMARKS.md "Tier time").
+    """
     tokenizer = AutoTokenizer.from_pretrained(original)
     model = load_moe_model(original, dtype=dtype_of(family))
     dataset = build_calibration_dataset("bundled", tokenizer, NUM_SAMPLES, SEQ_LEN)
     recipe = [modifier()] if modifier is not None else []
     if quantized:
         recipe.append(
-            GPTQModifier(targets=["Linear"], scheme="W4A16", ignore=["lm_head"])
+            QuantizationModifier(targets=["Linear"], scheme="W4A16", ignore=["lm_head"])
         )
     reset_session()
     oneshot(

@@ -10,7 +10,8 @@ process as each is ready, so vLLM loads one while the next is compressed (vLLM
 is imported once; a tiny checkpoint then takes about 2 s, see ``shims.py``).
 
 The matrix: every family of the unit tests' architecture matrix, each method,
-plain and GPTQ W4A16. The default slice gives every family both formats with a
+plain and W4A16 (round-to-nearest, GPTQ's packed format: see
+``harness.compress``). The default slice gives every family both formats with a
 method that rotates through the list, so that every method runs on several
 families (81 tests with 30 families, 2026-12-04; Qwen3-MoE's every-method row
 left the default slice then, for CI's 30 minutes); ``REAM_VLLM_FULL=1`` runs
@@ -44,7 +45,11 @@ from transformers import AutoTokenizer
 
 from ream_modifiers import REAMModifier, REAPModifier
 from ream_modifiers.check import check_checkpoint
+from ream_modifiers.disk_pad import pad_on_disk
+from ream_modifiers.moe import load_moe_model
+from ream_modifiers.moe.per_layer import PER_LAYER_KEY
 from tests.modifiers.test_architecture_matrix import FAMILIES, MODIFIERS, UNSUPPORTED
+from tests.per_layer_builder import build_per_layer_checkpoint
 from tests_vllm import harness
 
 pytestmark = pytest.mark.skipif(
@@ -252,6 +257,8 @@ class Batch:
         return harness.dtype_of(_transformers_family(cell))
 
     def _load(self, cell: Cell, directory: Path):
+        if cell.method == "per_layer":  # only our loader builds per-layer counts
+            return load_moe_model(directory, dtype=self._dtype(cell)).eval()
         return harness.load_transformers(directory, _transformers_family(cell))
 
     def _original(self, family: str) -> Path:
@@ -364,8 +371,27 @@ def _per_projection_names(original: Path, cell: Cell, out: Path) -> Path:
         saving.write_packed_names = write
 
 
+def _per_layer(original: Path, cell: Cell, out: Path) -> Path:
+    """REAP at 25% with a saliency_fraction budget: 8 and 4 experts."""
+    build_per_layer_checkpoint(original, out, quantized=cell.fmt == "w4a16")
+    return out
+
+
+def _padded(original: Path, cell: Cell, out: Path) -> Path:
+    """The per-layer checkpoint of a family without a per-layer builder,
+    padded to one count (zero experts whose router bias never wins)."""
+    per_layer = out.with_name(f"{out.name}-per-layer")
+    quantized = cell.fmt == "w4a16"
+    dtype = harness.dtype_of(cell.family)
+    build_per_layer_checkpoint(
+        original, per_layer, quantized=quantized, dtype=dtype, family=cell.family
+    )
+    pad_on_disk(per_layer, out)
+    return out
+
+
 def _quantized_only(original: Path, cell: Cell, out: Path) -> Path:
-    """GPTQ W4A16 of the uncompressed model, no expert reduction."""
+    """W4A16 of the uncompressed model, no expert reduction."""
     return harness.compress(original, cell.family, None, True, out)
 
 
@@ -395,6 +421,8 @@ CASES = {
     "missing_tensor": _missing_tensor,
     "per_projection_names": _per_projection_names,
     "quantized_only": _quantized_only,
+    "per_layer": _per_layer,
+    "padded": _padded,
     "quantized_only_as_shipped": _quantized_only,
     "cpu_refused": _reap,
     "mtp_reap": _mtp_reap,
@@ -660,3 +688,44 @@ def test_ernie_vl_tower_is_where_vllms_mapper_reads_the_tower(batch):
     tower = {name: new for name, new in mapped.items() if "vision_model." in name}
     assert len(tower) > 20
     assert all(new.startswith("vision_model.") for new in tower.values()), tower
+
+
+@pytest.mark.cells(
+    Cell("qwen3_moe", "per_layer"), Cell("qwen3_moe", "per_layer", "w4a16")
+)
+def test_per_layer_expert_counts_serve_through_the_plugin(batch):
+    """
+    A non-uniform budget keeps 8 experts in one layer and 4 in the other.
+    vLLM loads ream-modifiers' plugin (its ``vllm.general_plugins`` entry
+    point, installed in .venv-vllm by ``make setup-vllm``), builds each layer
+    with its own count and generates the greedy tokens of transformers loading
+    the same checkpoint through ``load_moe_model``, plain and W4A16.
+    """
+    for fmt in FORMATS:
+        cell = Cell("qwen3_moe", "per_layer", fmt)
+        served = batch.served[cell]
+        config = json.loads((served.directory / "config.json").read_text())
+        assert config[PER_LAYER_KEY] == [8, 4]
+        _assert_serves(batch, cell)
+
+
+@pytest.mark.cells(
+    Cell("gpt_oss", "padded"),
+    Cell("gpt_oss", "padded", "w4a16"),
+    Cell("deepseek_v3", "padded"),
+)
+def test_padded_per_layer_counts_serve_in_stock_vllm(batch):
+    """
+    gpt-oss (router logit bias) and DeepSeek-V3 (selection bias) have no
+    per-layer builder: their non-uniform outputs are padded to one count with
+    zero experts whose bias never wins. Stock vLLM and transformers load them
+    (no plugin or loader of ours on either side) and agree, quantized too.
+    """
+    for cell in (
+        Cell("gpt_oss", "padded"),
+        Cell("gpt_oss", "padded", "w4a16"),
+        Cell("deepseek_v3", "padded"),
+    ):
+        config = json.loads((batch.served[cell].directory / "config.json").read_text())
+        assert PER_LAYER_KEY not in config
+        _assert_serves(batch, cell)

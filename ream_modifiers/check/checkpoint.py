@@ -27,6 +27,7 @@ from ream_modifiers.moe.architectures import (
     detect_spec,
     text_config_entry,
 )
+from ream_modifiers.moe.per_layer import per_layer_counts
 
 __all__ = ["check_checkpoint"]
 
@@ -74,7 +75,7 @@ def check_checkpoint(path: str | Path) -> CheckReport:
             )
         return report
     report.experts_per_layer = {b.name: b.count for b in blocks.values()}
-    check_uniform(report, blocks)
+    check_uniform(report, blocks, text)
     check_shapes(report, blocks)
     check_widths(report, blocks, spec, text)
     for block in blocks.values():
@@ -82,11 +83,12 @@ def check_checkpoint(path: str | Path) -> CheckReport:
         check_complete(report, block, spec)
         check_router(report, block, spec, text)
     counts = set(report.experts_per_layer.values())
-    if len(counts) == 1:
-        count = counts.pop()
+    if len(counts) == 1 or per_layer_counts(text) is not None:
+        # per-layer counts: the config's count is the largest layer's, and
+        # every layer must still reach top_k
         config_keys = ConfigKeys(spec, text, prefix)
-        check_config_counts(report, config_keys, count)
-        check_routing(report, config_keys, count)
+        check_config_counts(report, config_keys, max(counts))
+        check_routing(report, config_keys, min(counts))
     check_quantization(report, config, blocks, shapes, spec)
     return report
 

@@ -38,6 +38,7 @@ class CheckReport:
     quantization_format: str | None = None
     violations: list[Violation] = field(default_factory=list)
     vllm: str | None = None  # what vLLM did with it, when asked (check --vllm)
+    notes: list[str] = field(default_factory=list)  # facts a user should know
 
     @property
     def ok(self) -> bool:
@@ -74,6 +75,7 @@ class CheckReport:
     def summary(self) -> str:
         head = f"{self.path}: {self.describe()}"
         tail = [f"vLLM: {self.vllm}"] if self.vllm and self.ok else []
+        tail += [f"note: {note}" for note in self.notes]
         if self.ok:
             return "\n".join([f"OK {head}", *tail])
         lines = [f"FAILED {head}: {len(self.violations)} problem(s)"]

@@ -13,6 +13,13 @@ from typing import Any
 from ream_modifiers.check.layout import QUANT_PARAMS, MoEBlock, StoredTensor
 from ream_modifiers.check.report import CheckReport
 from ream_modifiers.moe.architectures import PACKED_PARAMS, MoEArchSpec
+from ream_modifiers.moe.per_layer import (
+    PER_LAYER_FAMILIES,
+    PER_LAYER_KEY,
+    decoder_index,
+    per_layer_counts,
+    per_layer_family,
+)
 
 __all__ = [
     "ConfigKeys",
@@ -28,11 +35,22 @@ __all__ = [
 ]
 
 
-def check_uniform(report: CheckReport, blocks: dict[str, MoEBlock]) -> None:
+def check_uniform(
+    report: CheckReport, blocks: dict[str, MoEBlock], text: dict[str, Any]
+) -> None:
+    """
+    One expert count in every MoE layer, or per-layer counts that config.json
+    lists (:data:`~ream_modifiers.moe.per_layer.PER_LAYER_KEY`) for a family
+    whose per-layer build ream_modifiers knows.
+    """
     counts = report.experts_per_layer
     if len(set(counts.values())) == 1:
         return
     listed = ", ".join(f"{name}: {n}" for name, n in counts.items())
+    declared = per_layer_counts(text)
+    if declared is not None:
+        _check_declared_counts(report, counts, declared)
+        return
     report.add(
         "non-uniform-experts",
         next(iter(blocks.values())).name.rsplit(".", 2)[0],
@@ -40,6 +58,42 @@ def check_uniform(report: CheckReport, blocks: dict[str, MoEBlock]) -> None:
         "MoE layer with the one count in config.json and cannot load this",
         "compress with a uniform budget (num_experts or sparsity; MoEITS without "
         "allow_nonuniform) so every layer keeps the same number of experts",
+    )
+
+
+def _check_declared_counts(
+    report: CheckReport, counts: dict[str, int], declared: list
+) -> None:
+    where = f"config.json {PER_LAYER_KEY}"
+    if per_layer_family(report.model_type) is None:
+        report.add(
+            "per-layer-experts-unsupported",
+            where,
+            f"{report.model_type} layers store different expert counts, and "
+            f"neither transformers, vLLM nor ream_modifiers' builders can load "
+            f"them for this family (per-layer builds: {sorted(PER_LAYER_FAMILIES)})",
+            "compress with a uniform budget (num_experts or sparsity)",
+        )
+        return
+    wrong = {}
+    for name, count in counts.items():
+        index = decoder_index(name)
+        listed = None if index is None or index >= len(declared) else declared[index]
+        if listed != count:
+            wrong[name] = (count, listed)
+    if wrong:
+        listed = ", ".join(f"{n}: stores {c}, lists {d}" for n, (c, d) in wrong.items())
+        report.add(
+            "per-layer-experts-mismatch",
+            where,
+            f"the per-layer expert counts do not match the stored experts ({listed})",
+            "save again from the compressed model (its config lists the counts)",
+        )
+        return
+    report.notes.append(
+        f"per-layer expert counts {declared}: loads with "
+        "ream_modifiers.load_moe_model, and in vLLM with ream-modifiers installed "
+        "in its environment (plugin)"
     )
 
 

@@ -6,6 +6,9 @@ compressed-tensors checkpoint, its tokenizer and the per-layer report.
         --dataset c4 --num-samples 512 --max-seq-len 2048 --output out/
     ream-compress demo
     ream-compress check out/
+    ream-compress calibrate --model Qwen/Qwen3-30B-A3B --dataset c4 --output stats/
+    ream-compress compress reap_w4a16 --model ... --from-stats stats/ --output out/
+    ream-compress prune --model ckpt/ --report run/expert_reduction.json --output p/
 
 One module per command (:mod:`~ream_modifiers.cli.compress_command`,
 :mod:`~ream_modifiers.cli.demo_command`, :mod:`~ream_modifiers.cli.check_command`); the
@@ -23,7 +26,7 @@ import traceback
 from ream_modifiers.cli.parser import build_parser
 from ream_modifiers.errors import InputError
 
-__all__ = ["CompressionSummary", "compress", "demo", "main"]
+__all__ = ["CompressionSummary", "calibrate", "compress", "demo", "main"]
 
 
 def __getattr__(name: str):
@@ -36,6 +39,10 @@ def __getattr__(name: str):
         from ream_modifiers.cli.demo_command import demo
 
         return demo
+    if name == "calibrate":
+        from ream_modifiers.cli.calibrate_command import calibrate
+
+        return calibrate
     if name in ("CompressionSummary", "SUMMARY_FILENAME", "CALIBRATION_FILENAME"):
         from ream_modifiers.cli import summary
 
@@ -86,6 +93,8 @@ def _run_command(args, argv: list[str]) -> int:
         from ream_modifiers.cli.check_command import run_check
 
         return run_check(args.directory, args.vllm, args.vllm_python)
+    if args.command in ("prune", "pad"):
+        return _on_disk(args)
     if not args.verbose:
         from ream_modifiers.cli.logs import quiet_library_logs
 
@@ -95,10 +104,37 @@ def _run_command(args, argv: list[str]) -> int:
 
         demo(args.output, args.recipe, overwrite=args.overwrite)
         return 0
+    if args.command == "calibrate":
+        from ream_modifiers.cli.calibrate_command import calibrate_from_namespace
+
+        calibrate_from_namespace(args)
+        return 0
     from ream_modifiers.cli.args import CompressJob
     from ream_modifiers.cli.compress_command import run_job
 
     run_job(CompressJob.from_namespace(args, shlex.join(["ream-compress", *argv])))
+    return 0
+
+
+def _on_disk(args) -> int:
+    """``prune`` and ``pad``: checkpoint edits that never load the model."""
+    from ream_modifiers.disk_pad import pad_on_disk
+    from ream_modifiers.disk_prune import DiskPruneError, prune_on_disk
+
+    try:
+        if args.command == "prune":
+            check = prune_on_disk(args.model, args.report, args.output, args.overwrite)
+        else:
+            check = pad_on_disk(args.model, args.output, args.overwrite)
+    except DiskPruneError as error:
+        fix = (
+            "pass the report of a pruning run on this very model"
+            if args.command == "prune"
+            else "pad a checkpoint a non-uniform budget wrote, of a family whose "
+            "router has a selection or logit bias"
+        )
+        raise InputError(str(error), fix) from None
+    print(check.summary())
     return 0
 
 

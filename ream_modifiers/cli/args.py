@@ -8,6 +8,7 @@ takes the same names, so an option is written once.
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -15,6 +16,8 @@ from ream_modifiers.errors import InputError
 
 __all__ = [
     "ARGUMENT_GROUPS",
+    "CALIBRATE_GROUPS",
+    "CalibrateArguments",
     "CalibrationArguments",
     "CheckArguments",
     "DemoArguments",
@@ -22,8 +25,12 @@ __all__ = [
     "CompressJob",
     "ModelArguments",
     "OutputArguments",
+    "PadArguments",
     "PipelineArguments",
+    "PruneArguments",
+    "StatisticsArguments",
     "add_argument_group",
+    "namespace_options",
 ]
 
 
@@ -162,6 +169,104 @@ class OutputArguments:
 
 
 @dataclass
+class StatisticsArguments:
+    """Calibrate once, compress many times (``ream-compress calibrate``)."""
+
+    title: ClassVar[str] = "calibration statistics"
+    description: ClassVar[str | None] = (
+        "decide the expert reduction from saved statistics instead of a forward "
+        "pass, or save this run's"
+    )
+
+    from_stats: str | None = _option(
+        None,
+        "statistics directory (ream-compress calibrate, or --save-stats) to "
+        "decide the expert reduction from, with no forward pass for it; "
+        "--dataset is then needed only if another modifier calibrates (GPTQ)",
+        metavar="DIR",
+    )
+    save_stats: str | None = _option(
+        None,
+        "new directory for the expert reduction's statistics; --from-stats DIR "
+        "with the same recipe then reproduces this run exactly",
+        metavar="DIR",
+    )
+    budget: str = _option(
+        "uniform",
+        "experts kept per layer: uniform, or the same total spread by each "
+        "expert's share of its layer's routed output (saliency_fraction) or "
+        "that output per token (saliency_mass); non-uniform needs --from-stats "
+        "and its checkpoint loads through ream_modifiers (see README)",
+        choices=["uniform", "saliency_fraction", "saliency_mass"],
+    )
+    pad: bool = _option(
+        False,
+        "with a non-uniform --budget: pad every layer to the largest count with "
+        "zero experts that are never routed to (routers with a selection or "
+        "logit bias: DeepSeek-V3, GLM-4.5, gpt-oss, ...), so stock vLLM and "
+        "transformers load it; saves no memory over the largest layer's count",
+    )
+
+
+@dataclass
+class CalibrateArguments:
+    """``ream-compress calibrate``: where the statistics go, for which methods."""
+
+    title: ClassVar[str] = "statistics"
+    description: ClassVar[str | None] = None
+
+    output: str = _option(MISSING, "new statistics directory", required=True)
+    overwrite: bool = _option(False, "replace an existing statistics directory")
+    methods: list[str] | None = _option(
+        None,
+        "methods whose statistics to record (default: every method that "
+        "calibrates), e.g. reap ream",
+        nargs="+",
+        metavar="METHOD",
+    )
+    method_settings: dict[str, Any] | None = _option(
+        None,
+        "JSON {method: {setting: value}} for settings that change what is "
+        'recorded, e.g. \'{"ream": {"max_activation_tokens": 2048}}\'',
+        type=json.loads,
+        metavar="JSON",
+    )
+
+
+@dataclass
+class PadArguments:
+    """``ream-compress pad``: a per-layer-count checkpoint padded to one count."""
+
+    title: ClassVar[str] = "pad"
+    description: ClassVar[str | None] = None
+
+    model: str = _option(
+        MISSING, "checkpoint with num_experts_per_layer (a non-uniform budget)",
+        required=True,
+    )  # fmt: skip
+    output: str = _option(MISSING, "output directory", required=True)
+    overwrite: bool = _option(False, "replace a non-empty output directory")
+
+
+@dataclass
+class PruneArguments:
+    """``ream-compress prune``: a pruning report applied on disk."""
+
+    title: ClassVar[str] = "prune on disk"
+    description: ClassVar[str | None] = None
+
+    model: str = _option(MISSING, "local checkpoint directory", required=True)
+    report: str = _option(
+        MISSING,
+        "expert_reduction.json of a pruning run (REAP, AIMER, MoEITS, frequency, "
+        "EAN) on the same model",
+        required=True,
+    )
+    output: str = _option(MISSING, "output directory", required=True)
+    overwrite: bool = _option(False, "replace a non-empty output directory")
+
+
+@dataclass
 class LogArguments:
     """How much ``compress`` and ``demo`` print."""
 
@@ -217,6 +322,17 @@ ARGUMENT_GROUPS = (
     CalibrationArguments,
     PipelineArguments,
     OutputArguments,
+    StatisticsArguments,
+)
+
+
+# ``calibrate``: the model, data and pipeline of ``compress``, then where the
+# statistics go (CalibrateArguments replaces the output group)
+CALIBRATE_GROUPS = (
+    ModelArguments,
+    CalibrationArguments,
+    PipelineArguments,
+    CalibrateArguments,
 )
 
 
@@ -229,6 +345,7 @@ class CompressJob:
     calibration: CalibrationArguments
     pipeline: PipelineArguments
     output: OutputArguments
+    statistics: StatisticsArguments
 
     @classmethod
     def from_options(cls, recipe: str, **options: Any) -> CompressJob:
@@ -249,14 +366,20 @@ class CompressJob:
     @classmethod
     def from_namespace(cls, args: argparse.Namespace, command: str) -> CompressJob:
         """The job of a parsed ``ream-compress compress`` command line."""
-        options = {
-            f.name: getattr(args, f.name)
-            for group in ARGUMENT_GROUPS
-            for f in fields(group)
-            if f.metadata.get("cli", True)
-        }
-        options["mix_sources"] = _mix_sources(args.mix_sources or [])
+        options = namespace_options(args, ARGUMENT_GROUPS)
         return cls.from_options(args.recipe, command=command, **options)
+
+
+def namespace_options(args: argparse.Namespace, groups: tuple) -> dict[str, Any]:
+    """The fields of ``groups`` from a parsed command line, by name."""
+    options = {
+        f.name: getattr(args, f.name)
+        for group in groups
+        for f in fields(group)
+        if f.metadata.get("cli", True)
+    }
+    options["mix_sources"] = _mix_sources(args.mix_sources or [])
+    return options
 
 
 def _mix_sources(items: list[str]) -> dict[str, str]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -88,25 +90,18 @@ def compress(
 def run_job(job: CompressJob) -> CompressionSummary | None:
     """Run a :class:`CompressJob` (see :func:`compress`)."""
     from ream_modifiers.cli.run import compress_loaded_model
+    from ream_modifiers.cli.statistics_options import recipe_with_statistics
     from ream_modifiers.distributed import init_distributed
     from ream_modifiers.resources import resolve_recipe
 
-    recipe_path = resolve_recipe(job.recipe)
     init_distributed()  # a no-op unless started by torchrun
+    recipe_path = recipe_with_statistics(resolve_recipe(job.recipe), job.statistics)
     _check_options(job)
     modifiers = _check_before_loading(job, recipe_path)
     start = time.perf_counter()
-    folder = job.pipeline.offload_folder
-    folder = None if folder is None else Path(folder)
-    folder_existed = folder is not None and folder.exists()
-    try:
+    with offload_folder_cleared(job):
         moe_model, tokenizer = _load(job, modifiers)
         summary = compress_loaded_model(moe_model, tokenizer, recipe_path, job, start)
-    finally:
-        if folder is not None:
-            # only compressed-tensors' scratch files (links into the checkpoint,
-            # changed tensors) are in it: the folder was empty or new
-            _clear_folder(folder, remove=not folder_existed)
     if summary is None:  # not the source rank of a torchrun job
         return None
     lines = ["", "== ream-compress summary ==", *summary.lines()]
@@ -119,7 +114,8 @@ def _check_options(job: CompressJob) -> None:
     from ream_modifiers.moe.offload import OffloadOptionError, check_offload_options
 
     calibration, pipeline = job.calibration, job.pipeline
-    if (calibration.dataset is None) == (calibration.mix is None):
+    given = (calibration.dataset is not None) + (calibration.mix is not None)
+    if given != 1 and not (given == 0 and job.statistics.from_stats is not None):
         raise InputError(
             "give exactly one of --dataset and --mix",
             "--dataset bundled (or a file, folder or dataset ID), or --mix "
@@ -189,12 +185,27 @@ def _check_before_loading(job: CompressJob, recipe_path: Path) -> list:
     # from config.json: a budget the model cannot meet fails before it loads
     check_expert_budget(model, modifiers, recipe_path, job.model.trust_remote_code)
     calibration = job.calibration
+    if calibration.dataset is None and calibration.mix is None:  # --from-stats
+        _check_no_calibration_needed(modifiers)
+        calibration.images = None
+        return modifiers
     if calibration.mix is not None:
         check_mix(calibration.mix, calibration.mix_sources)
     else:
         check_calibration_source(calibration.dataset, calibration.text_field)
     calibration.images = _resolve_images(job)
     return modifiers
+
+
+def _check_no_calibration_needed(modifiers: list) -> None:
+    """With --from-stats and no data, no other modifier may need calibration."""
+    calibrating = [type(m).__name__ for m in modifiers if m.requires_calibration_data]
+    if calibrating:
+        raise InputError(
+            f"--from-stats decides the expert reduction without data, but "
+            f"{calibrating} in the recipe calibrate",
+            "give --dataset (or --mix) for them, or use a recipe without them",
+        )
 
 
 def _resolve_images(job: CompressJob) -> str | None:
@@ -273,6 +284,22 @@ def _load(job: CompressJob, modifiers: list):
     # before calibration: GPTQ would fail on these only after the reduction
     check_group_sizes(moe_model, modifiers)
     return moe_model, tokenizer
+
+
+@contextmanager
+def offload_folder_cleared(job: CompressJob) -> Iterator[None]:
+    """Empty ``--offload-folder`` when the run ends, however it ends (and
+    remove it if the run created it)."""
+    folder = job.pipeline.offload_folder
+    folder = None if folder is None else Path(folder)
+    existed = folder is not None and folder.exists()
+    try:
+        yield
+    finally:
+        if folder is not None:
+            # only compressed-tensors' scratch files (links into the checkpoint,
+            # changed tensors) are in it: the folder was empty or new
+            _clear_folder(folder, remove=not existed)
 
 
 def _clear_folder(folder: Path, remove: bool) -> None:

@@ -6,9 +6,12 @@ import argparse
 
 from ream_modifiers.cli.args import (
     ARGUMENT_GROUPS,
+    CALIBRATE_GROUPS,
     CheckArguments,
     DemoArguments,
     LogArguments,
+    PadArguments,
+    PruneArguments,
     add_argument_group,
 )
 from ream_modifiers.errors import InputError
@@ -71,6 +74,26 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", help="recipe YAML path, or a recipe name (reap_w4a16)")
     for group in (*ARGUMENT_GROUPS, LogArguments):
         add_argument_group(run, group)
+    record = commands.add_parser(
+        "calibrate",
+        help="calibrate once and save every MoE layer's statistics, for "
+        "`compress --from-stats` at any method and ratio",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for group in (*CALIBRATE_GROUPS, LogArguments):
+        add_argument_group(record, group)
+    prune = commands.add_parser(
+        "prune",
+        help="apply a pruning report (expert_reduction.json) to a checkpoint on "
+        "disk, shard by shard, without loading the model",
+    )
+    add_argument_group(prune, PruneArguments)
+    pad = commands.add_parser(
+        "pad",
+        help="pad a per-layer-count checkpoint to one expert count (zero experts "
+        "never routed to), so stock vLLM loads it",
+    )
+    add_argument_group(pad, PadArguments)
     show = commands.add_parser("demo", help="compress a small MoE model end to end")
     for group in (DemoArguments, LogArguments):
         add_argument_group(show, group)

@@ -25,7 +25,7 @@ from ream_modifiers.cli.summary import (
 )
 from ream_modifiers.output import shared_staged_output
 
-__all__ = ["compress_loaded_model"]
+__all__ = ["calibration_shard", "compress_loaded_model"]
 
 
 def compress_loaded_model(
@@ -38,7 +38,7 @@ def compress_loaded_model(
     :param start: ``time.perf_counter()`` when the run started
     :return: the summary on the source rank, None on the others
     """
-    from ream_modifiers.distributed import barrier, is_source_process, shard_for_rank
+    from ream_modifiers.distributed import barrier, is_source_process
     from ream_modifiers.moe.layer import find_moe_layers
     from ream_modifiers.moe.offload import parameter_totals
     from ream_modifiers.saving import REPORT_FILENAME
@@ -47,23 +47,17 @@ def compress_loaded_model(
     experts_before = layers[0].num_experts
     # counted without onloading: an offloaded model is not read back for this
     parameters_before, bytes_before = parameter_totals(moe_model)
-    calibration, calibration_info = _calibration_rows(tokenizer, job.calibration)
-    # under torchrun each rank calibrates on its own share of the rows
-    shard = shard_for_rank(calibration)
-    if job.calibration.images is not None:
-        # per share, so that every rank's first row (which llm-compressor
-        # traces the model with) carries an image
-        shard = _add_image_rows(moe_model, tokenizer, shard, job)
-        calibration_info["images"] = job.calibration.images
-        calibration_info["image_rows_per_rank"] = sum(
-            row is not None for row in shard["pixel_values"]
-        )
+    shard, calibration_info = calibration_shard(moe_model, tokenizer, job)
     output = job.output
     with shared_staged_output(Path(output.output), output.overwrite) as partial:
         _run_oneshot(moe_model, recipe_path, partial, shard, tokenizer, job)
         barrier()  # every rank's part of the save is on disk
         if not is_source_process():
             return None
+        if job.statistics.pad:
+            from ream_modifiers.disk_pad import pad_in_place
+
+            pad_in_place(partial)  # one count for stock loaders
         report_file = partial / REPORT_FILENAME
         reports = json.loads(report_file.read_text()) if report_file.exists() else []
         summary = CompressionSummary(
@@ -82,6 +76,35 @@ def compress_loaded_model(
         )
         _publish(partial, job, reports, summary, calibration_info)
     return summary
+
+
+def calibration_shard(
+    moe_model, tokenizer, job: CompressJob
+) -> tuple[Any, dict[str, Any]]:
+    """
+    This rank's calibration rows (with image rows for a vision-language model)
+    and what ``calibration.json`` says of them; ``(None, ...)`` when the
+    recipe needs no data (``--from-stats``).
+    """
+    from ream_modifiers.distributed import shard_for_rank
+
+    args = job.calibration
+    if args.dataset is None and args.mix is None:
+        return None, {"from_statistics": job.statistics.from_stats}
+    calibration, calibration_info = _calibration_rows(tokenizer, args)
+    if job.statistics.from_stats is not None:
+        calibration_info["from_statistics"] = job.statistics.from_stats
+    # under torchrun each rank calibrates on its own share of the rows
+    shard = shard_for_rank(calibration)
+    if args.images is not None:
+        # per share, so that every rank's first row (which llm-compressor
+        # traces the model with) carries an image
+        shard = _add_image_rows(moe_model, tokenizer, shard, job)
+        calibration_info["images"] = args.images
+        calibration_info["image_rows_per_rank"] = sum(
+            row is not None for row in shard["pixel_values"]
+        )
+    return shard, calibration_info
 
 
 def _calibration_rows(
@@ -200,7 +223,7 @@ def _run_oneshot(
     common = dict(
         dataset=calibration,
         processor=tokenizer,
-        num_calibration_samples=len(calibration),
+        num_calibration_samples=0 if calibration is None else len(calibration),
         max_seq_length=job.calibration.max_seq_len,
         moe_calibrate_all_experts=job.calibration.calibrate_all_experts,
     )

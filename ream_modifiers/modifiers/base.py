@@ -17,10 +17,12 @@ from __future__ import annotations
 import json
 import time
 from abc import abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
+import torch
+from compressed_tensors.offload import get_execution_device
 from llmcompressor.core import Event, State, active_session
 from llmcompressor.modifiers import Modifier
 from llmcompressor.modifiers.quantization.quantization.mixin import QuantizationMixin
@@ -34,14 +36,23 @@ from ream_modifiers.distributed import (
     is_distributed,
     is_source_process,
 )
+from ream_modifiers.engines.allocation import allocate_kept, removal_costs
 from ream_modifiers.engines.selection import ExpertBudget, plan_budget, select_kept
 from ream_modifiers.modifiers.sequential import check_sequential_targets
+from ream_modifiers.moe.architectures import text_config
 from ream_modifiers.moe.edit import expert_count_values, keep_experts, sync_config
 from ream_modifiers.moe.layer import MoELayer, find_moe_layers
 from ream_modifiers.moe.load import ensure_hub_save_names
+from ream_modifiers.moe.per_layer import (
+    PER_LAYER_FAMILIES,
+    PER_LAYER_KEY,
+    per_layer_entry,
+    per_layer_family,
+)
 from ream_modifiers.observe.collector import LayerStatsCollector
 from ream_modifiers.observe.padding import padding_masks_from_dataloader
-from ream_modifiers.observe.statistics import LayerStatistics
+from ream_modifiers.observe.statistics import LayerStatistics, RoutedExpertSums
+from ream_modifiers.observe.stats_file import StatisticsFile, StatisticsWriter
 from ream_modifiers.observe.token_keys import TokenKeyRecorder
 from ream_modifiers.registry import Kind
 from ream_modifiers.saving import install_save_hook, record_for_save
@@ -76,6 +87,20 @@ class ExpertReductionModifier(Modifier):
     :param protect_routers: add the architecture's router and shared-expert-gate
         patterns to the ``ignore`` list of every quantization modifier that follows
         in the recipe, so routers stay unquantized without model-specific recipes
+    :param save_statistics: a new directory to save every layer's calibration
+        statistics to, as the method decided on them; compressing from it with
+        the same settings (``from_statistics``) reproduces this run bit for bit
+        (:mod:`ream_modifiers.observe.stats_file`)
+    :param from_statistics: a statistics directory (``ream-compress calibrate``
+        or ``save_statistics``) to decide from instead of calibrating: no
+        forward pass runs for this modifier
+    :param budget: ``uniform`` (every layer keeps ``num_experts``, or loses
+        ``sparsity``), or spread the same total unevenly over the layers, the
+        cheapest removals first (:mod:`ream_modifiers.engines.allocation`), by
+        each expert's share of its layer's routed output mass
+        (``saliency_fraction``) or that mass per token (``saliency_mass``).
+        Needs ``from_statistics``: every layer is allocated before any is
+        reduced
     """
 
     num_experts: int | None = None
@@ -83,6 +108,9 @@ class ExpertReductionModifier(Modifier):
     ignore: list[str] = Field(default_factory=list)
     report_path: str | None = None
     protect_routers: bool = True
+    save_statistics: str | None = None
+    from_statistics: str | None = None
+    budget: Literal["uniform", "saliency_fraction", "saliency_mass"] = "uniform"
 
     method: ClassVar[str] = ""  # display name, as reports write it
     paper: ClassVar[str] = ""  # the paper's URL
@@ -90,9 +118,13 @@ class ExpertReductionModifier(Modifier):
     # prune: experts removed; merge: groups averaged into one expert;
     # recombine: removed experts' neurons folded into kept ones
     kind: ClassVar[Kind] = "prune"
+    # what save_statistics records as the hidden states the statistics saw
+    statistics_mode: ClassVar[str] = "sequential"
 
     _layers: list[MoELayer] = PrivateAttr(default_factory=list)
     _budget: ExpertBudget | None = PrivateAttr(default=None)
+    # layer name -> its own budget, when ``budget`` spreads the ratio unevenly
+    _layer_budgets: dict[str, ExpertBudget] = PrivateAttr(default_factory=dict)
     # per layer: the collector feeding the method's typed statistics, and them
     _collectors: dict[str, tuple[LayerStatsCollector, LayerStatistics]] = PrivateAttr(
         default_factory=dict
@@ -100,6 +132,8 @@ class ExpertReductionModifier(Modifier):
     _done: set[str] = PrivateAttr(default_factory=set)
     _report: dict[str, Any] = PrivateAttr(default_factory=dict)
     _group: Any = PrivateAttr(default=None)
+    _statistics_in: StatisticsFile | None = PrivateAttr(default=None)
+    _statistics_out: StatisticsWriter | None = PrivateAttr(default=None)
 
     # -- validation (runs when the recipe is parsed) ---------------------------
 
@@ -131,6 +165,29 @@ class ExpertReductionModifier(Modifier):
                 f"{type(self).__name__}: num_experts must be >= 1, got "
                 f"{self.num_experts}"
             )
+        if self.save_statistics is not None and self.from_statistics is not None:
+            raise ValueError(
+                f"{type(self).__name__}: give at most one of save_statistics and "
+                "from_statistics (statistics read from a directory are already "
+                "saved there)"
+            )
+        if self.budget != "uniform" and not self.uniform_budget():
+            raise ValueError(
+                f"{type(self).__name__}: budget {self.budget!r} spreads a global "
+                "num_experts or sparsity over the layers; this setting decides "
+                "each layer's count itself"
+            )
+        if self.budget != "uniform" and self.from_statistics is None:
+            raise ValueError(
+                f"{type(self).__name__}: budget {self.budget!r} allocates every "
+                "layer before the first is reduced, so it needs every layer's "
+                "statistics first: calibrate once (`ream-compress calibrate`, or "
+                "ExpertStatisticsModifier) and give that directory as "
+                "from_statistics"
+            )
+        if self.from_statistics is not None:
+            # decided from recorded statistics: this modifier runs no data
+            self.requires_calibration_data = False
         if self.report_path is not None and not self.report_path.endswith(".json"):
             raise ValueError(
                 f"{type(self).__name__}: report_path must end with .json, got "
@@ -203,13 +260,15 @@ class ExpertReductionModifier(Modifier):
     def on_initialize(self, state: State, **kwargs) -> bool:
         model = state.model
         self._layers = find_moe_layers(model, self.ignore)
+        if len({layer.num_experts for layer in self._layers}) > 1:
+            raise ValueError(
+                f"{type(self).__name__}: this model's MoE layers already keep "
+                f"different expert counts ({PER_LAYER_KEY}); reduce the original "
+                "model instead (a non-uniform budget is planned from one count)"
+            )
         check_sequential_targets(model, self._layers, kwargs.get("sequential_targets"))
         if self.uniform_budget():
             self._plan_uniform_budget()
-        self.validate_model(state, self._layers)
-        if is_distributed():
-            # statistics and decisions travel through host memory on every backend
-            self._group = dist.new_group(backend="gloo")
         self._report = {
             "method": self.method,
             "paper": self.paper,
@@ -223,11 +282,67 @@ class ExpertReductionModifier(Modifier):
             },
             "layers": {},
         }
+        self._open_statistics()
+        if self.budget != "uniform":
+            self._allocate_layer_budgets()
+        self.validate_model(state, self._layers)
+        if is_distributed():
+            # statistics and decisions travel through host memory on every backend
+            self._group = dist.new_group(backend="gloo")
         install_save_hook(model)
         ensure_hub_save_names(model)
         if self.protect_routers:
             self._protect_routers_from_quantization()
         return True
+
+    def layer_budget(self, layer: MoELayer) -> ExpertBudget:
+        """The budget of ``layer``: its own under a non-uniform ``budget``."""
+        return self._layer_budgets.get(layer.name, self._budget)
+
+    def _allocate_layer_budgets(self) -> None:
+        """Spread the uniform plan's total over the layers by ``budget``."""
+        recorded, layers = self._statistics_in, self._layers
+        routing, uniform = layers[0].routing, self._budget
+        if recorded.match(RoutedExpertSums(routing.num_experts)) is None:
+            raise ValueError(
+                f"{type(self).__name__}: budget {self.budget!r} reads routed sums, "
+                f"which {self.from_statistics} lacks; calibrate with a method "
+                "that records them (REAP, REAM, any calibrating method)"
+            )
+        costs = []
+        for index, layer in enumerate(layers):
+            sums = RoutedExpertSums(layer.num_experts)
+            recorded.restore(index, [sums], torch.device("cpu"))
+            tokens = recorded.layer_entry(index).get("tokens_seen", 0)
+            costs.append(
+                removal_costs(sums.tensors["weighted_norm"], tokens, self.budget)
+            )
+        groups = routing.n_group or 1
+        per_group = self.min_experts_per_group(layers)
+        if routing.n_group is not None:
+            reachable_groups = routing.topk_group or routing.n_group
+            per_group = max(per_group, -(-routing.top_k // reachable_groups))
+            fewest = per_group * groups
+        else:
+            fewest = max(routing.top_k, per_group)
+        try:
+            counts = allocate_kept(
+                costs,
+                uniform.kept * len(layers),
+                min_kept=[fewest] * len(layers),
+                groups=groups,
+            )
+        except ValueError as error:
+            raise ValueError(f"{type(self).__name__}: {error}") from None
+        self._layer_budgets = {
+            layer.name: replace(uniform, kept=count)
+            for layer, count in zip(layers, counts, strict=True)
+        }
+        self._report["budget"] = {"signal": self.budget, "kept_per_layer": counts}
+        logger.info(
+            f"{self.method}: {self.budget} budget, {uniform.kept * len(layers)} "
+            f"experts kept in all as {counts} per layer (uniform: {uniform.kept})"
+        )
 
     def _plan_uniform_budget(self) -> None:
         routing = self._layers[0].routing
@@ -251,7 +366,64 @@ class ExpertReductionModifier(Modifier):
             + (f", {budget.kept_per_group} per group" if budget.n_group else "")
         )
 
+    def _open_statistics(self) -> None:
+        """Open ``from_statistics`` (checked against this model and method before
+        anything runs) or start writing ``save_statistics``."""
+        layers = self._layers
+        if self.from_statistics is not None:
+            recorded = StatisticsFile(self.from_statistics)
+            requested = [
+                statistic
+                for layer in layers
+                for statistic in self._requested_statistics(layer)
+            ]
+            recorded.check(
+                layers[0].spec.model_type,
+                [(layer.name, layer.num_experts) for layer in layers],
+                requested,
+                type(self).__name__,
+            )
+            recorder = recorded.recorded_by
+            if recorded.mode == "sequential" and recorder != self._recorder():
+                logger.warning(
+                    f"{self.method}: {self.from_statistics} was recorded while "
+                    f"{recorder and recorder.get('method')} reduced the layers with "
+                    "other settings, so each layer's statistics saw earlier layers "
+                    "reduced differently than this run will; the result is not "
+                    "what a direct run of these settings gives"
+                )
+            self._statistics_in = recorded
+            self._report["statistics_from"] = {
+                "path": str(self.from_statistics),
+                "mode": recorded.mode,
+                "recorded_by": recorder,
+            }
+        elif self.save_statistics is not None and is_source_process():
+            self._statistics_out = StatisticsWriter(
+                self.save_statistics,
+                model_type=layers[0].spec.model_type,
+                layers=[layer.name for layer in layers],
+                num_experts=[layer.num_experts for layer in layers],
+                mode=self.statistics_mode,
+                recorded_by=self._recorder(),
+            )
+
+    def _recorder(self) -> dict[str, Any]:
+        """The method and the settings that decide its result, for the manifest."""
+        settings = {
+            key: value
+            for key, value in self._report["settings"].items()
+            if key not in ("report_path", "save_statistics", "from_statistics")
+        }
+        return {"method": self.method, "settings": settings}
+
+    def _requested_statistics(self, layer: MoELayer) -> list:
+        stats = self.statistics(layer)
+        return [] if stats is None else stats.collected()
+
     def on_calibration_start(self, state: State, event: Event, **kwargs):
+        if self._statistics_in is not None:
+            return  # decided from recorded statistics: nothing to observe
         if self.requires_calibration_data and self._group is not None:
             check_sharded(getattr(state.data.calib, "dataset", None), self._group)
         masks = (
@@ -300,15 +472,16 @@ class ExpertReductionModifier(Modifier):
         counts = [layer.num_experts for layer in self._layers]
         config_values = expert_count_values(spec, max(counts))
         if len(set(counts)) > 1:
-            # no transformers or vLLM config can express this; keep it on record
-            config_values["num_experts_per_layer"] = counts
-            logger.warning(
-                f"{self.method}: layers now have different expert counts {counts}; "
-                "neither vLLM nor transformers can load such a checkpoint"
-            )
+            entry = config_values[PER_LAYER_KEY] = self._per_layer_config_entry(model)
+            # the model in memory says so too (find_moe_layers reads it)
+            setattr(text_config(model.config), PER_LAYER_KEY, entry)
         self._report["num_experts_after"] = (
             counts[0] if len(set(counts)) == 1 else counts
         )
+        if self._statistics_out is not None:
+            path = self._statistics_out.close()
+            self._statistics_out = None
+            logger.info(f"{self.method}: calibration statistics saved to {path}")
         sync_config(model, spec, max(counts))
         # quantization schemes are attached by now: pick the save layout that
         # fits them (gpt-oss: fused when unquantized, per expert when packed)
@@ -325,22 +498,32 @@ class ExpertReductionModifier(Modifier):
             self._group = None
         return True
 
+    def _per_layer_config_entry(self, model) -> list[int | None]:
+        """The saved config's per-decoder-layer counts, and what loads them."""
+        spec = self._layers[0].spec
+        counts = [(layer.name, layer.num_experts) for layer in self._layers]
+        entry = per_layer_entry(counts, text_config(model.config).num_hidden_layers)
+        if per_layer_family(spec.model_type) is not None:
+            logger.info(
+                f"{self.method}: per-layer expert counts {entry} ({PER_LAYER_KEY} "
+                "in config.json); the checkpoint loads with "
+                "ream_modifiers.load_moe_model, and in vLLM with ream-modifiers "
+                "installed beside it (its plugin builds each layer's count)"
+            )
+        else:
+            logger.warning(
+                f"{self.method}: layers now have different expert counts {entry}; "
+                f"neither vLLM nor transformers can load such a {spec.model_type} "
+                f"checkpoint (per-layer builds exist for {sorted(PER_LAYER_FAMILIES)})"
+            )
+        return entry
+
     # -- per layer ---------------------------------------------------------------
 
     def _reduce_layer(self, layer: MoELayer) -> None:
         start = time.perf_counter()
-        collector, stats = self._collectors.get(layer.name, (None, None))
-        unobserved = False
-        if collector is not None:
-            if self._group is not None:
-                collector.reduce_to_source(self._group)  # totals on the source
-            if layer.spec.expert_sets:
-                # an expert set the rows never use (ERNIE-4.5-VL's vision set)
-                unobserved = is_source_process() and collector.tokens_seen == 0
-            elif self._group is None and collector.batches_seen == 0:
-                raise RuntimeError(
-                    f"{self.method}: {layer.name} received no calibration batch"
-                )
+        collector, _ = self._collectors.get(layer.name, (None, None))
+        stats, tokens_seen, unobserved = self._layer_statistics(layer)
         if not is_source_process():
             decision = None
         elif unobserved:
@@ -373,8 +556,8 @@ class ExpertReductionModifier(Modifier):
             "apply_seconds": round(applied - decided, 4),
             **decision.extra,
         }
-        if collector is not None:
-            entry["calibration_tokens"] = collector.tokens_seen
+        if tokens_seen is not None:
+            entry["calibration_tokens"] = tokens_seen
         self._report["layers"][layer.name] = entry
         self._done.add(layer.name)
         # the hooks hold the collector: drop both so a layer's statistics (e.g.
@@ -387,6 +570,55 @@ class ExpertReductionModifier(Modifier):
             f"removed {removed} ({seconds:.2f}s)"
         )
 
+    def _layer_statistics(
+        self, layer: MoELayer
+    ) -> tuple[LayerStatistics | None, int | None, bool]:
+        """
+        ``(stats, tokens, unobserved)``: the layer's statistics, reduced onto the
+        source rank or read from ``from_statistics`` (and saved to
+        ``save_statistics``), the calibration tokens they counted, and whether
+        no token reached this expert set (it is then pruned by weight alone).
+        """
+        index = self._layers.index(layer)
+        if self._statistics_in is not None:
+            stats, tokens = self._restored_statistics(layer, index)
+            return stats, tokens, bool(layer.spec.expert_sets) and tokens == 0
+        collector, stats = self._collectors.get(layer.name, (None, None))
+        if collector is None:
+            return stats, None, False
+        if self._group is not None:
+            collector.reduce_to_source(self._group)  # totals on the source
+        unobserved = False
+        if layer.spec.expert_sets:
+            # an expert set the rows never use (ERNIE-4.5-VL's vision set)
+            unobserved = is_source_process() and collector.tokens_seen == 0
+        elif self._group is None and collector.batches_seen == 0:
+            raise RuntimeError(
+                f"{self.method}: {layer.name} received no calibration batch"
+            )
+        if self._statistics_out is not None:
+            self._statistics_out.write_layer(
+                index,
+                stats.collected(),
+                tokens_seen=collector.tokens_seen,
+                batches_seen=collector.batches_seen,
+            )
+        return stats, collector.tokens_seen, unobserved
+
+    def _restored_statistics(
+        self, layer: MoELayer, index: int
+    ) -> tuple[LayerStatistics | None, int]:
+        """This layer's statistics from ``from_statistics`` on the layer's
+        execution device (source rank only), and the tokens they counted."""
+        recorded = self._statistics_in
+        tokens = recorded.layer_entry(index).get("tokens_seen", 0)
+        stats = self.statistics(layer)
+        if stats is None or not is_source_process():
+            return stats, tokens
+        device = get_execution_device(layer.router)
+        recorded.restore(index, stats.collected(), device)
+        return stats, tokens
+
     def _weight_only_decision(self, layer: MoELayer) -> LayerDecision:
         """
         The documented rule for an expert set that no calibration token can
@@ -396,7 +628,7 @@ class ExpertReductionModifier(Modifier):
         from ream_modifiers.modifiers.aimer.score import aimer_score_layer
 
         scores = aimer_score_layer(layer)
-        kept = select_kept(scores, self._budget, remove="highest")
+        kept = select_kept(scores, self.layer_budget(layer), remove="highest")
         logger.warning(
             f"{self.method}: no calibration token reached {layer.name} (an "
             "expert set that text rows do not use); pruned by the weight-only "

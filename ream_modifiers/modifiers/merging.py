@@ -209,7 +209,8 @@ class ExpertMergingModifier(ExpertReductionModifier):
         if self.grouping == "ream":
             check_group_capacity(
                 len(layers[0].router_groups()[0]),
-                self._budget.kept_per_router_group,
+                # the layer keeping the fewest binds (budgets may differ)
+                min(self.layer_budget(x).kept_per_router_group for x in layers),
                 self.group_size,
             )
         if layers[0].router_bias is not None and self.merge != "none":
@@ -219,7 +220,7 @@ class ExpertMergingModifier(ExpertReductionModifier):
             )
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
-        if not get_calibrate_all_experts_flag():
+        if self._statistics_in is None and not get_calibrate_all_experts_flag():
             raise ValueError(
                 f"{self.method} needs every expert's output on every calibration "
                 "token (mean outputs, neuron activations): run oneshot with "
@@ -231,7 +232,7 @@ class ExpertMergingModifier(ExpertReductionModifier):
 
     def _groups(self, layer: MoELayer, stats: MergingStatistics) -> Groups:
         sums = stats.routed.tensors
-        kept_per_partition = self._budget.kept_per_router_group
+        kept_per_partition = self.layer_budget(layer).kept_per_router_group
         mean_outputs = stats.mean_output.mean()
         groups: Groups = {}
         for members in layer.router_groups():

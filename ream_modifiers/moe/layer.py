@@ -17,8 +17,13 @@ from llmcompressor.modeling.moe.linearize import get_non_linearized_moes
 from torch import nn
 from transformers import PreTrainedModel
 
-from ream_modifiers.moe.architectures import MoEArchSpec, get_arch_spec
+from ream_modifiers.moe.architectures import MoEArchSpec, get_arch_spec, text_config
 from ream_modifiers.moe.forward_module import adapt_forward_module
+from ream_modifiers.moe.per_layer import (
+    PER_LAYER_KEY,
+    per_layer_counts,
+    per_layer_entry,
+)
 from ream_modifiers.moe.routing import RoutingSpec
 from ream_modifiers.moe.weights import ExpertWeights
 
@@ -366,19 +371,36 @@ def find_moe_layers(
             + (", after applying `ignore`" if ignore else "")
             + ". Expert pruning and merging need a Mixture-of-Experts model."
         )
+    _check_counts(model, layers, routing.num_experts)
+    return layers
+
+
+def _check_counts(model, layers: list[MoELayer], configured: int) -> None:
+    """One count in every layer, the config's; or, for a non-uniform budget's
+    output loaded back, the per-layer counts its config lists."""
+    declared = per_layer_counts(text_config(model.config))
+    if declared is not None:
+        stored = per_layer_entry(
+            [(layer.name, layer.num_experts) for layer in layers], len(declared)
+        )
+        if stored != declared:
+            raise MoEModelError(
+                f"The MoE layers hold {stored} experts but config.{PER_LAYER_KEY} "
+                f"lists {declared}; load the checkpoint with load_moe_model"
+            )
+        return
     counts = {layer.num_experts for layer in layers}
     if len(counts) != 1:
         raise MoEModelError(
             f"MoE layers have different expert counts {sorted(counts)}; this "
             "package needs a uniform count (vLLM cannot load anything else)."
         )
-    if counts != {routing.num_experts}:
+    if counts != {configured}:
         raise MoEModelError(
             f"The model has {counts.pop()} experts per layer but config."
-            f"{spec.num_experts_key}={routing.num_experts}; was it pruned without "
+            f"{layers[0].spec.num_experts_key}={configured}; was it pruned without "
             "updating its config?"
         )
-    return layers
 
 
 def _resolve(module: nn.Module | None, path: str) -> nn.Module | None:

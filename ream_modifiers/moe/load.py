@@ -59,6 +59,13 @@ from ream_modifiers.moe.input_weighted import (
     register_input_weighted_experts,
 )
 from ream_modifiers.moe.offload import Offload, offload_load_kwargs
+from ream_modifiers.moe.per_layer import (
+    PER_LAYER_FAMILIES,
+    PER_LAYER_KEY,
+    building_per_layer,
+    per_layer_counts,
+    per_layer_family,
+)
 
 __all__ = ["load_moe_model", "load_context_available", "ensure_hub_save_names"]
 
@@ -317,7 +324,7 @@ def _load_checked(model_id, dtype, kwargs: dict) -> PreTrainedModel:
     config = kwargs.get("config") or AutoConfig.from_pretrained(
         model_id, trust_remote_code=kwargs.get("trust_remote_code", False)
     )
-    with _captured_loading_info() as infos:
+    with _captured_loading_info() as infos, _per_layer_counts(config):
         model = auto_model_class(config).from_pretrained(
             model_id, dtype=dtype, **kwargs
         )
@@ -328,6 +335,32 @@ def _load_checked(model_id, dtype, kwargs: dict) -> PreTrainedModel:
         )
     _check_loading_info(model_id, infos[-1] if infos else {})
     return model
+
+
+@contextlib.contextmanager
+def _per_layer_counts(config) -> Iterator[None]:
+    """
+    For a checkpoint with per-layer expert counts (``num_experts_per_layer``,
+    a non-uniform budget), build each decoder layer with its own count;
+    otherwise change nothing.
+
+    :raises ValueError: for a family whose per-layer build is not known
+    """
+    text = text_config(config)
+    if per_layer_counts(text) is None:
+        yield
+        return
+    family = per_layer_family(text.model_type)
+    if family is None:
+        raise ValueError(
+            f"this {text.model_type} checkpoint keeps a different number of "
+            f"experts per layer ({PER_LAYER_KEY}), which ream_modifiers builds "
+            f"only for {sorted(PER_LAYER_FAMILIES)}; compress with a uniform "
+            "budget for this family"
+        )
+
+    with building_per_layer(family.transformers_layer, family.count_attr):
+        yield True
 
 
 def _model_type(model_id) -> str | None:

@@ -9,7 +9,7 @@ a method can read them without knowing how they were gathered.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import distributed as dist
@@ -157,6 +157,37 @@ class Statistic:
     def ensure_allocated(self, device: torch.device, hidden_size: int) -> None:
         self._ensure(device, hidden_size)
 
+    # -- saving and restoring (see ream_modifiers.observe.stats_file) ------------
+
+    def settings(self) -> dict[str, Any]:
+        """What, besides the expert count, decides this statistic's values."""
+        return {}
+
+    def accepts(self, name: str, settings: dict[str, Any]) -> bool:
+        """Whether a statistic recorded as ``name`` with ``settings`` can stand in
+        for this one (the same values for every key this one reads)."""
+        return name == self.name and settings == self.settings()
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """The accumulators as they stand, rounding-error halves as ``low.KEY``
+        (empty if no batch reached this statistic)."""
+        if self._tensors is None:
+            return {}
+        state = dict(self._tensors)
+        state.update({f"low.{key}": low for key, low in self._low.items()})
+        return state
+
+    def restore_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Become the statistic :meth:`export_state` returned ``state`` from."""
+        self._tensors = {k: v for k, v in state.items() if not k.startswith("low.")}
+        # only the sums this statistic compensates: a superset's extra halves
+        # (RoutedExpertSums with probabilities) are not read
+        self._low = {
+            key: state[f"low.{key}"]
+            for key in self.compensated
+            if f"low.{key}" in state
+        }
+
 
 def _two_sum_into(high: torch.Tensor, low: torch.Tensor, value: torch.Tensor):
     """high + low += value, in place: Knuth's error-free two-sum, any magnitudes."""
@@ -199,6 +230,15 @@ class RoutedExpertSums(Statistic):
         self.probabilities = probabilities
         self.compensated = ("weighted_norm", "norm", "weight") + (
             self._PROBABILITY_SUMS if probabilities else ()
+        )
+
+    def settings(self) -> dict[str, Any]:
+        return {"probabilities": self.probabilities}
+
+    def accepts(self, name: str, settings: dict[str, Any]) -> bool:
+        # the probability sums are extra keys: the others are computed alike
+        return name == self.name and (
+            settings.get("probabilities", False) or not self.probabilities
         )
 
     def _allocate(self, device, hidden_size):
@@ -268,6 +308,9 @@ class MeanExpertOutput(Statistic):
     def __init__(self, num_experts: int, gated: bool = False):
         super().__init__(num_experts)
         self.gated = gated
+
+    def settings(self) -> dict[str, Any]:
+        return {"gated": self.gated}
 
     def _allocate(self, device, hidden_size):
         return {
@@ -358,6 +401,21 @@ class ActivationSamples(Statistic):
         self._slots: torch.Tensor | None = None  # buffer rows this batch writes
         self._positions: torch.Tensor | None = None  # their tokens in the batch
         self._canonical = False
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "width": self.intermediate_size,
+            "capacity": self.capacity,
+            "seed": self.seed,
+        }
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        self._canonicalise()  # what decide() reads: the kept rows in key order
+        return super().export_state()
+
+    def restore_state(self, state: dict[str, torch.Tensor]) -> None:
+        super().restore_state(state)
+        self._canonical = True
 
     def _buffers(self, tokens: int, dtype, device) -> dict[str, torch.Tensor]:
         shape = (self.num_experts, tokens, self.intermediate_size)

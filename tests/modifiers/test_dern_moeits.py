@@ -109,6 +109,7 @@ def test_moeits_adaptive_mode_warns_and_records_per_layer_counts(load_tiny, tmp_
         assert report["num_experts_after"] == counts
         model.save_pretrained(tmp_path / "out")
         config = json.loads((tmp_path / "out" / "config.json").read_text())
+        # one entry per decoder layer (both are MoE layers here)
         assert config["num_experts_per_layer"] == counts
 
 

@@ -64,7 +64,7 @@ class AIMERModifier(ExpertReductionModifier):
         scores = aimer_score_layer(layer)
         seconds = time.perf_counter() - start
         logger.info(f"AIMER {layer.name}: scored in {seconds * 1e3:.1f} ms")
-        kept = select_kept(scores, self._budget, remove=self.remove)
+        kept = select_kept(scores, self.layer_budget(layer), remove=self.remove)
         return LayerDecision(
             kept=kept,
             scores=scores.cpu().tolist(),

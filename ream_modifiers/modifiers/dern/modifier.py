@@ -160,7 +160,7 @@ class DERNModifier(ExpertReductionModifier):
     def decide(self, layer: MoELayer, stats: RoutedStatistics) -> LayerDecision:
         sums = stats.routed.tensors
         importance = self.importance(sums, layer.routing.top_k)
-        kept = select_kept(importance, self._budget, remove="lowest")
+        kept = select_kept(importance, self.layer_budget(layer), remove="lowest")
         dropped = [e for e in range(layer.num_experts) if e not in kept]
         start = time.perf_counter()
         weights = layer.stacked_weights()

@@ -122,7 +122,7 @@ class MoEITSModifier(ExpertReductionModifier):
             )
             extra["threshold"] = threshold
         else:
-            per_part = self._budget.kept_per_router_group
+            per_part = self.layer_budget(layer).kept_per_router_group
             kept = []
             for members in layer.router_groups():
                 kept += greedy_removal(matrix, members, keep=per_part)

@@ -118,7 +118,7 @@ class REAPModifier(ExpertReductionModifier):
             protected = super_expert_mask(peaks, torch.cat(self._seen_max_activations))
             ranking = torch.where(protected.to(scores.device), float("inf"), scores)
             extra["super_experts"] = protected.nonzero().flatten().tolist()
-        kept = select_kept(ranking, self._budget, remove="lowest")
+        kept = select_kept(ranking, self.layer_budget(layer), remove="lowest")
         return LayerDecision(kept=kept, scores=scores.cpu().tolist(), extra=extra)
 
     def _protects(self, layer: MoELayer) -> bool:
