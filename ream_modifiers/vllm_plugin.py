@@ -54,7 +54,10 @@ def _text_config(args: tuple, kwargs: dict):
     """The text config of the model vLLM is building (set while it builds)."""
     from vllm.config import get_current_vllm_config
 
-    return get_current_vllm_config().model_config.hf_text_config
+    try:
+        return get_current_vllm_config().model_config.hf_text_config
+    except (AssertionError, AttributeError):  # no model being built: as it is
+        return None
 
 
 def _layer_index(args: tuple, kwargs: dict) -> int | None:
