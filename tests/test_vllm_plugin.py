@@ -28,7 +28,7 @@ def test_the_entry_point_vllm_loads_is_declared_and_installed():
 def test_without_vllm_the_plugin_warns_and_patches_nothing(caplog):
     with caplog.at_level(logging.WARNING):
         vllm_plugin.register()
-    assert sorted(PER_LAYER_FAMILIES) == ["mixtral", "qwen3_moe"]
+    assert sorted(PER_LAYER_FAMILIES) == ["qwen3_moe"]
     for model_type in PER_LAYER_FAMILIES:
         assert f"unavailable for {model_type}" in caplog.text
 

@@ -62,6 +62,8 @@ class PerLayerFamily:
     vllm_layer: str
 
 
+# Mixtral is not here yet: transformers loads its experts fused, and
+# llm-compressor's linearization then sizes every layer from the config's count
 PER_LAYER_FAMILIES: dict[str, PerLayerFamily] = {
     "qwen3_moe": PerLayerFamily(
         count_attr="num_experts",
@@ -69,13 +71,6 @@ PER_LAYER_FAMILIES: dict[str, PerLayerFamily] = {
             "transformers.models.qwen3_moe.modeling_qwen3_moe:Qwen3MoeDecoderLayer"
         ),
         vllm_layer="vllm.model_executor.models.qwen3_moe:Qwen3MoeDecoderLayer",
-    ),
-    "mixtral": PerLayerFamily(
-        count_attr="num_local_experts",
-        transformers_layer=(
-            "transformers.models.mixtral.modeling_mixtral:MixtralDecoderLayer"
-        ),
-        vllm_layer="vllm.model_executor.models.mixtral:MixtralDecoderLayer",
     ),
 }
 

@@ -55,7 +55,7 @@ def test_per_layer_counts_outside_the_known_families_are_refused(tmp_path):
     config = json.loads((out / "config.json").read_text())
     config[PER_LAYER_KEY] = [None] * config["num_hidden_layers"]
     (out / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="builds only for \\['mixtral', 'qwen3_moe'"):
+    with pytest.raises(ValueError, match="builds only for \\['qwen3_moe'\\]"):
         load_moe_model(out, dtype=torch.float32)
 
 
