@@ -37,6 +37,7 @@ from ream_modifiers.disk_prune import (
     expert_indexed,
     renumbered,
     rewrite_checkpoint,
+    set_expert_counts,
     stored_tensors,
 )
 from ream_modifiers.moe.architectures import ARCHITECTURES, text_config_entry
@@ -81,9 +82,7 @@ def pad_on_disk(
 
     def finish(staging: Path) -> None:
         counts = text.pop(PER_LAYER_KEY)
-        for key in spec.num_experts_keys:
-            if key in text or key == spec.num_experts_key:
-                text[key] = largest
+        set_expert_counts(text, spec, largest)
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _write_report(source, staging, counts, largest)
 

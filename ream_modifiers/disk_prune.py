@@ -59,6 +59,7 @@ __all__ = [
     "prune_on_disk",
     "renumbered",
     "rewrite_checkpoint",
+    "set_expert_counts",
     "stored_tensors",
     "write_shards",
 ]
@@ -303,13 +304,18 @@ def copy_other_files(source: Path, staging: Path, files: dict) -> None:
             shutil.copy2(path, staging / path.name)
 
 
+def set_expert_counts(text: dict[str, Any], spec, count: int) -> None:
+    """Every expert-count key the text config has (and the family's own) to
+    ``count``."""
+    for key in spec.num_experts_keys:
+        if key in text or key == spec.num_experts_key:
+            text[key] = count
+
+
 def _write_config(staging: Path, config: dict, spec, kept: dict) -> None:
     text, _ = text_config_entry(config)
     counts = {len(chosen) for chosen in kept.values()}
-    largest = max(counts)
-    for key in spec.num_experts_keys:
-        if key in text or key == spec.num_experts_key:
-            text[key] = largest
+    set_expert_counts(text, spec, max(counts))
     if len(counts) > 1:
         if per_layer_family(spec.model_type) is None:
             raise DiskPruneError(

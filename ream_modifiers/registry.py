@@ -115,11 +115,12 @@ def methods(*, baselines: bool = True) -> list[MethodInfo]:
 
 def get_method(name: str) -> MethodInfo:
     """
-    :param name: the short name (``reap``) or the modifier class name
+    :param name: the short name (``reap``), the display name (``REAP``, as
+        reports write it) or the modifier class name
     :raises KeyError: naming the registered methods
     """
     for info in _METHODS.values():
-        if name in (info.name, info.class_name):
+        if name in (info.name, info.label, info.class_name):
             return info
     raise KeyError(f"unknown method {name!r}; registered: {sorted(_METHODS)}")
 

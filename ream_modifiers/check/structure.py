@@ -16,7 +16,7 @@ from ream_modifiers.moe.architectures import PACKED_PARAMS, MoEArchSpec
 from ream_modifiers.moe.per_layer import (
     PER_LAYER_FAMILIES,
     PER_LAYER_KEY,
-    decoder_index,
+    mismatched_counts,
     per_layer_counts,
     per_layer_family,
 )
@@ -75,12 +75,7 @@ def _check_declared_counts(
             "compress with a uniform budget (num_experts or sparsity)",
         )
         return
-    wrong = {}
-    for name, count in counts.items():
-        index = decoder_index(name)
-        listed = None if index is None or index >= len(declared) else declared[index]
-        if listed != count:
-            wrong[name] = (count, listed)
+    wrong = mismatched_counts(list(counts.items()), declared)
     if wrong:
         listed = ", ".join(f"{n}: stores {c}, lists {d}" for n, (c, d) in wrong.items())
         report.add(

@@ -128,16 +128,11 @@ def _recipe(methods: list[str] | None, settings: dict, output: Path) -> Path:
 def _run(moe_model, tokenizer, modifiers: list, shard, job: CompressJob) -> None:
     from llmcompressor import oneshot
 
+    from ream_modifiers.cli.run import oneshot_data
+
     logger.info(
         f"Calibrating {job.model.model} once for "
         f"{sorted(modifiers[0].methods)} into {job.output.output}"
     )
-    oneshot(
-        model=moe_model,
-        recipe=modifiers,
-        dataset=shard,
-        processor=tokenizer,
-        num_calibration_samples=len(shard),
-        max_seq_length=job.calibration.max_seq_len,
-        moe_calibrate_all_experts=job.calibration.calibrate_all_experts,
-    )
+    data = oneshot_data(shard, tokenizer, job)
+    oneshot(model=moe_model, recipe=modifiers, **data)

@@ -25,7 +25,7 @@ from ream_modifiers.cli.summary import (
 )
 from ream_modifiers.output import shared_staged_output
 
-__all__ = ["calibration_shard", "compress_loaded_model"]
+__all__ = ["calibration_shard", "compress_loaded_model", "oneshot_data"]
 
 
 def compress_loaded_model(
@@ -216,20 +216,10 @@ def _run_oneshot(
     from llmcompressor import oneshot
     from llmcompressor.recipe import Recipe
 
-    from ream_modifiers.data.images import collate_calibration_row
     from ream_modifiers.modifiers.sequential import split_at_expert_reduction
 
     pipeline = job.pipeline
-    common = dict(
-        dataset=calibration,
-        processor=tokenizer,
-        num_calibration_samples=0 if calibration is None else len(calibration),
-        max_seq_length=job.calibration.max_seq_len,
-        moe_calibrate_all_experts=job.calibration.calibrate_all_experts,
-    )
-    if job.calibration.images is not None:
-        # rows with pixel values and their patch grid, one per batch
-        common["data_collator"] = collate_calibration_row
+    common = oneshot_data(calibration, tokenizer, job)
     if not pipeline.sequential_targets:
         oneshot(
             model=moe_model, recipe=str(recipe_path), output_dir=str(output), **common
@@ -248,6 +238,24 @@ def _run_oneshot(
         )
     targets = {} if reduction else _targets(pipeline)
     oneshot(model=moe_model, recipe=recipe, output_dir=str(output), **common, **targets)
+
+
+def oneshot_data(calibration, tokenizer, job: CompressJob) -> dict[str, Any]:
+    """``oneshot``'s data arguments for this rank's calibration rows (None:
+    the recipe needs no data)."""
+    from ream_modifiers.data.images import collate_calibration_row
+
+    data = dict(
+        dataset=calibration,
+        processor=tokenizer,
+        num_calibration_samples=0 if calibration is None else len(calibration),
+        max_seq_length=job.calibration.max_seq_len,
+        moe_calibrate_all_experts=job.calibration.calibrate_all_experts,
+    )
+    if job.calibration.images is not None:
+        # rows with pixel values and their patch grid, one per batch
+        data["data_collator"] = collate_calibration_row
+    return data
 
 
 def _targets(pipeline: PipelineArguments) -> dict[str, Any]:

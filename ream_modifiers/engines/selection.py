@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["ExpertBudget", "plan_budget", "select_kept"]
+__all__ = ["ExpertBudget", "fewest_kept", "plan_budget", "select_kept"]
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,32 @@ def plan_budget(
             "least top_k reachable experts (lower the sparsity or raise num_experts)"
         )
     return ExpertBudget(num_experts=num_experts, kept=kept, n_group=n_group)
+
+
+def fewest_kept(
+    num_experts: int,
+    top_k: int,
+    *,
+    n_group: int | None = None,
+    topk_group: int | None = None,
+    min_per_group: int = 1,
+) -> int:
+    """The fewest experts a layer may keep: the smallest count
+    :func:`plan_budget` accepts (top-k reachable, groups filled evenly)."""
+    for kept in range(1, num_experts):
+        try:
+            plan_budget(
+                num_experts,
+                top_k,
+                target=kept,
+                n_group=n_group,
+                topk_group=topk_group,
+                min_per_group=min_per_group,
+            )
+        except ValueError:
+            continue
+        return kept
+    return num_experts
 
 
 def select_kept(

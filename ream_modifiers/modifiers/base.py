@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from compressed_tensors.offload import get_execution_device
 from llmcompressor.core import Event, State, active_session
+from llmcompressor.modeling.moe.context import get_calibrate_all_experts_flag
 from llmcompressor.modifiers import Modifier
 from llmcompressor.modifiers.quantization.quantization.mixin import QuantizationMixin
 from loguru import logger
@@ -37,7 +38,12 @@ from ream_modifiers.distributed import (
     is_source_process,
 )
 from ream_modifiers.engines.allocation import allocate_kept, removal_costs
-from ream_modifiers.engines.selection import ExpertBudget, plan_budget, select_kept
+from ream_modifiers.engines.selection import (
+    ExpertBudget,
+    fewest_kept,
+    plan_budget,
+    select_kept,
+)
 from ream_modifiers.modifiers.sequential import check_sequential_targets
 from ream_modifiers.moe.architectures import text_config
 from ream_modifiers.moe.edit import expert_count_values, keep_experts, sync_config
@@ -317,20 +323,19 @@ class ExpertReductionModifier(Modifier):
             costs.append(
                 removal_costs(sums.tensors["weighted_norm"], tokens, self.budget)
             )
-        groups = routing.n_group or 1
-        per_group = self.min_experts_per_group(layers)
-        if routing.n_group is not None:
-            reachable_groups = routing.topk_group or routing.n_group
-            per_group = max(per_group, -(-routing.top_k // reachable_groups))
-            fewest = per_group * groups
-        else:
-            fewest = max(routing.top_k, per_group)
+        fewest = fewest_kept(
+            routing.num_experts,
+            routing.top_k,
+            n_group=routing.n_group,
+            topk_group=routing.topk_group,
+            min_per_group=self.min_experts_per_group(layers),
+        )
         try:
             counts = allocate_kept(
                 costs,
                 uniform.kept * len(layers),
                 min_kept=[fewest] * len(layers),
-                groups=groups,
+                groups=routing.n_group or 1,
             )
         except ValueError as error:
             raise ValueError(f"{type(self).__name__}: {error}") from None
@@ -417,6 +422,21 @@ class ExpertReductionModifier(Modifier):
         }
         return {"method": self.method, "settings": settings}
 
+    def _check_all_expert_outputs(self) -> None:
+        """Statistics over every expert's output on every token (mean outputs,
+        neuron activations) need llm-compressor to run all experts."""
+        needs_all = [
+            statistic.name
+            for statistic in self._requested_statistics(self._layers[0])
+            if statistic.needs_all_tokens
+        ]
+        if needs_all and not get_calibrate_all_experts_flag():
+            raise ValueError(
+                f"{self.method} ({type(self).__name__}) needs every expert's output "
+                f"on every calibration token ({', '.join(needs_all)}): run oneshot "
+                "with moe_calibrate_all_experts=True (the default)"
+            )
+
     def _requested_statistics(self, layer: MoELayer) -> list:
         stats = self.statistics(layer)
         return [] if stats is None else stats.collected()
@@ -424,6 +444,7 @@ class ExpertReductionModifier(Modifier):
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         if self._statistics_in is not None:
             return  # decided from recorded statistics: nothing to observe
+        self._check_all_expert_outputs()
         if self.requires_calibration_data and self._group is not None:
             check_sharded(getattr(state.data.calib, "dataset", None), self._group)
         masks = (

@@ -7,14 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from llmcompressor.core import Event, State
-from llmcompressor.modeling.moe.context import get_calibrate_all_experts_flag
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 
 from ream_modifiers.modifiers.base import ExpertReductionModifier, LayerDecision
 from ream_modifiers.moe.layer import MoELayer
 from ream_modifiers.observe.statistics import LayerStatistics, Statistic
-from ream_modifiers.observe.stats_file import signature
 from ream_modifiers.registry import get_method, methods
 
 __all__ = ["ExpertStatisticsModifier", "StatisticsUnion"]
@@ -70,6 +67,9 @@ class ExpertStatisticsModifier(ExpertReductionModifier):
     requires_calibration_data: bool = True
     methods: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
+    # the chosen methods' modifiers, built once, whose statistics are recorded
+    _members: list[ExpertReductionModifier] = PrivateAttr(default_factory=list)
+
     method: ClassVar[str] = "statistics"
     statistics_mode: ClassVar[str] = "original"
 
@@ -83,46 +83,26 @@ class ExpertStatisticsModifier(ExpertReductionModifier):
                 "ExpertStatisticsModifier: give save_statistics, the new directory "
                 "to write the statistics to"
             )
-        self._method_modifiers()  # unknown names and bad settings fail here
-        return self
-
-    def _method_modifiers(self) -> list[ExpertReductionModifier]:
         chosen = self.methods or {m.name: {} for m in methods() if m.needs_data}
-        built = []
-        for name, settings in chosen.items():
+        self._members = []
+        for name, settings in chosen.items():  # unknown names, bad settings
             try:
                 info = get_method(name)
             except KeyError:
-                info = next((m for m in methods() if m.label == name), None)
-                if info is None:
-                    raise ValueError(
-                        f"ExpertStatisticsModifier: unknown method {name!r}; "
-                        f"registered: {[m.name for m in methods()]}"
-                    ) from None
-            built.append(info.modifier(sparsity=0.5, **settings))
-        return built
+                raise ValueError(
+                    f"ExpertStatisticsModifier: unknown method {name!r}; "
+                    f"registered: {[m.name for m in methods()]}"
+                ) from None
+            self._members.append(info.modifier(sparsity=0.5, **settings))
+        return self
 
     def statistics(self, layer: MoELayer) -> StatisticsUnion:
         union = StatisticsUnion()
-        for modifier in self._method_modifiers():
+        for modifier in self._members:
             stats = modifier.statistics(layer)
             for statistic in [] if stats is None else stats.collected():
                 union.add(statistic)
         return union
-
-    def on_calibration_start(self, state: State, event: Event, **kwargs):
-        needs_all = [
-            signature(s)
-            for s in self.statistics(self._layers[0]).collected()
-            if s.needs_all_tokens
-        ]
-        if needs_all and not get_calibrate_all_experts_flag():
-            raise ValueError(
-                f"ExpertStatisticsModifier: {needs_all} need every expert's output "
-                "on every calibration token: run oneshot with "
-                "moe_calibrate_all_experts=True (the default)"
-            )
-        super().on_calibration_start(state, event, **kwargs)
 
     def decide(self, layer: MoELayer, stats: LayerStatistics | None) -> LayerDecision:
         return LayerDecision(kept=list(range(layer.num_experts)))

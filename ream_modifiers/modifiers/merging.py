@@ -13,8 +13,7 @@ from functools import partial
 from typing import ClassVar, Literal
 
 import torch
-from llmcompressor.core import Event, State
-from llmcompressor.modeling.moe.context import get_calibrate_all_experts_flag
+from llmcompressor.core import State
 from loguru import logger
 from pydantic import model_validator
 
@@ -218,15 +217,6 @@ class ExpertMergingModifier(ExpertReductionModifier):
                 f"{self.method}: the router has a logit bias; merged experts keep "
                 "their centroid's bias entry"
             )
-
-    def on_calibration_start(self, state: State, event: Event, **kwargs):
-        if self._statistics_in is None and not get_calibrate_all_experts_flag():
-            raise ValueError(
-                f"{self.method} needs every expert's output on every calibration "
-                "token (mean outputs, neuron activations): run oneshot with "
-                "moe_calibrate_all_experts=True (the default)"
-            )
-        super().on_calibration_start(state, event, **kwargs)
 
     # -- decision --------------------------------------------------------------
 

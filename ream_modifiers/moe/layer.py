@@ -21,8 +21,8 @@ from ream_modifiers.moe.architectures import MoEArchSpec, get_arch_spec, text_co
 from ream_modifiers.moe.forward_module import adapt_forward_module
 from ream_modifiers.moe.per_layer import (
     PER_LAYER_KEY,
+    mismatched_counts,
     per_layer_counts,
-    per_layer_entry,
 )
 from ream_modifiers.moe.routing import RoutingSpec
 from ream_modifiers.moe.weights import ExpertWeights
@@ -380,13 +380,12 @@ def _check_counts(model, layers: list[MoELayer], configured: int) -> None:
     output loaded back, the per-layer counts its config lists."""
     declared = per_layer_counts(text_config(model.config))
     if declared is not None:
-        stored = per_layer_entry(
-            [(layer.name, layer.num_experts) for layer in layers], len(declared)
-        )
-        if stored != declared:
+        stored = [(layer.name, layer.num_experts) for layer in layers]
+        if wrong := mismatched_counts(stored, declared):
             raise MoEModelError(
-                f"The MoE layers hold {stored} experts but config.{PER_LAYER_KEY} "
-                f"lists {declared}; load the checkpoint with load_moe_model"
+                f"MoE layers hold other expert counts than config.{PER_LAYER_KEY} "
+                f"lists {declared} ({{name: (stored, listed)}}: {wrong}); load the "
+                "checkpoint with load_moe_model"
             )
         return
     counts = {layer.num_experts for layer in layers}

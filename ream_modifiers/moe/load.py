@@ -358,9 +358,8 @@ def _per_layer_counts(config) -> Iterator[None]:
             f"only for {sorted(PER_LAYER_FAMILIES)}; compress with a uniform "
             "budget for this family"
         )
-
     with building_per_layer(family.transformers_layer, family.count_attr):
-        yield True
+        yield
 
 
 def _model_type(model_id) -> str | None:

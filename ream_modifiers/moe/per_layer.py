@@ -36,6 +36,7 @@ __all__ = [
     "building_per_layer",
     "counting_init",
     "decoder_index",
+    "mismatched_counts",
     "per_layer_counts",
     "per_layer_entry",
     "per_layer_family",
@@ -168,6 +169,21 @@ def building_per_layer(layer_class: str, count_attr: str) -> Iterator[None]:
         yield
     finally:
         cls.__init__ = original
+
+
+def mismatched_counts(
+    layers: Sequence[tuple[str, int]], declared: Sequence[int | None]
+) -> dict[str, tuple[int, int | None]]:
+    """The MoE layers (name, stored count) whose count is not the one
+    ``declared`` (:data:`PER_LAYER_KEY`) lists for their decoder layer, as
+    ``{name: (stored, listed)}``."""
+    wrong = {}
+    for name, count in layers:
+        index = decoder_index(name)
+        listed = None if index is None or index >= len(declared) else declared[index]
+        if listed != count:
+            wrong[name] = (count, listed)
+    return wrong
 
 
 def _transformers_argument(position: int, name: str) -> Callable[[tuple, dict], Any]:

@@ -192,10 +192,6 @@ class StatisticsFile:
     def recorded_by(self) -> dict[str, Any] | None:
         return self.manifest.get("recorded_by")
 
-    @property
-    def layer_names(self) -> list[str]:
-        return [entry["name"] for entry in self.manifest["layers"]]
-
     def layer_entry(self, index: int) -> dict[str, Any]:
         """``name``, ``num_experts``, ``tokens_seen`` and ``batches_seen``."""
         return self.manifest["layers"][index]
